@@ -1,0 +1,1 @@
+"""File-format converters (GGUF, compact sparse packs). They read files on disk only."""
