@@ -1,0 +1,216 @@
+"""Command-line interface: the only place that parses strings and sets up logging.
+
+Exit codes: 0 success, 2 bad input (one clear line, no traceback unless --debug),
+1 internal error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import DsnotError
+
+log = logging.getLogger("dsnot_deploy")
+
+EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="where layers are processed: cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="model dtype; statistics are always float32 (default float32)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    p.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
+
+
+def _add_refine_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pruning")
+    g.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
+                   help="initial mask (default wanda)")
+    pat = g.add_mutually_exclusive_group()
+    pat.add_argument("--sparsity", type=float, default=None, help="unstructured sparsity in (0, 1) (default 0.5)")
+    pat.add_argument("--pattern", default=None, help="N:M pattern, N zeros in every M columns, e.g. 2:4")
+    g.add_argument("--magnitude-scope", default="per-row", choices=["per-row", "per-matrix"],
+                   help="magnitude ranking group (paper baseline: per-matrix; DSnoT init: per-row)")
+    r = p.add_argument_group("refinement")
+    ref = r.add_mutually_exclusive_group()
+    ref.add_argument("--refine", default="exact", choices=["exact", "dsnot", "none"],
+                     help="mask refinement: exact = prune-and-grow judged by the exact calibration output "
+                          "error (default; measured best, see docs/bench_refine.md), dsnot = the faithful "
+                          "DSnoT of the paper, none = the initial mask alone")
+    ref.add_argument("--dsnot", dest="refine", action="store_const", const="dsnot", help="same as --refine dsnot")
+    ref.add_argument("--no-dsnot", dest="refine", action="store_const", const="none", help="same as --refine none")
+    r.add_argument("--max-cycle-time", type=int, default=50, help="DSnoT: swaps per row at most (default 50)")
+    r.add_argument("--update-threshold", type=float, default=0.1, help="DSnoT: stop a row at |error| <= this (0.1)")
+    r.add_argument("--pow-of-var-regrowing", type=float, default=1.0, help="DSnoT: grow key c/var^p (default 1)")
+    sign = r.add_mutually_exclusive_group()
+    sign.add_argument("--same-sign", dest="same_sign", action="store_true", default=None,
+                      help="DSnoT: stop a row when its error would change sign (default: on for N:M only)")
+    sign.add_argument("--no-same-sign", dest="same_sign", action="store_false")
+    r.add_argument("--variance", default="within-sample", choices=["within-sample", "pooled"],
+                   help="DSnoT: channel variance (within-sample = reference parity)")
+    r.add_argument("--skip-refine", action="append", default=[], choices=["attn", "mlp"],
+                   help="prune but do not refine this group of Linears (repeatable; reference: mlp)")
+    r.add_argument("--exact-max-swaps", type=int, default=64, help="exact: swaps per row at most (default 64)")
+    r.add_argument("--exact-top-k", type=int, default=8, help="exact: candidates per side per swap (default 8)")
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calib", default="pydoc",
+                   help="calibration text: c4, wikitext2 (via datasets), a .txt/.raw/.jsonl/.json.gz file, "
+                        "or pydoc (offline text shipped with Python; default)")
+    c.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
+    c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
+    c.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    c.add_argument("--batch-size", type=int, default=1, help="sequences per layer forward; divides nsamples")
+    c.add_argument("--offload-activations", action="store_true", help="keep layer activations on the CPU")
+    c.add_argument("--measure-error", action="store_true",
+                   help="also collect H to report the true output error of every method (costs time)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dsnot-deploy", description="Make a decoder LLM sparse without training and ship it.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("refine", help="prune a model layer by layer and save a sparse checkpoint",
+                       description="Prune every Linear of the decoder layers (magnitude/Wanda/SparseGPT), "
+                                   "refine the masks (exact or DSnoT), save a HF checkpoint + sparsity.json.")
+    p.add_argument("model", help="HF model id, local checkpoint dir, .gguf file, or alias smollm2-135m")
+    p.add_argument("outdir", type=Path, help="output checkpoint directory (created atomically)")
+    p.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
+    _add_refine_options(p)
+    _add_common(p)
+
+    e = sub.add_parser("eval", help="perplexity of a model under the paper or llama.cpp protocol",
+                       description="Perplexity with the paper protocol (all positions of 2048-token chunks) or "
+                                   "llama.cpp's (second half of each chunk, BOS first).")
+    e.add_argument("model", help="HF model id, local checkpoint dir, .gguf file, or alias smollm2-135m")
+    e.add_argument("--text", default="pydoc", help="wikitext2, c4, a local file, or pydoc (default)")
+    e.add_argument("--split", default=None, help="dataset split for wikitext2/c4 (default test/validation)")
+    e.add_argument("--protocol", default="paper", choices=["paper", "llamacpp"])
+    e.add_argument("--seqlen", type=int, default=2048, help="chunk length (n_ctx for llamacpp; default 2048)")
+    e.add_argument("--max-chunks", type=int, default=None, help="score at most this many chunks")
+    e.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
+    _add_common(e)
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "datasets", "urllib3", "httpx", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _prune_config(args: argparse.Namespace):
+    from .config import (DSnoTConfig, ExactConfig, MagnitudeScope, Method, PruneConfig, Refinement,
+                         SparsityPattern, VarianceKind)
+
+    if args.pattern is not None:
+        pattern = SparsityPattern.parse(args.pattern)
+    else:
+        pattern = SparsityPattern.unstructured(0.5 if args.sparsity is None else args.sparsity)
+    return PruneConfig(
+        method=Method(args.method),
+        pattern=pattern,
+        refinement=Refinement(args.refine),
+        magnitude_scope=MagnitudeScope(args.magnitude_scope),
+        dsnot=DSnoTConfig(
+            max_cycle_time=args.max_cycle_time,
+            update_threshold=args.update_threshold,
+            pow_of_var_regrowing=args.pow_of_var_regrowing,
+            same_sign=args.same_sign,
+            variance=VarianceKind(args.variance),
+        ),
+        exact=ExactConfig(max_swaps=args.exact_max_swaps, top_k=args.exact_top_k),
+        skip_refine_groups=tuple(args.skip_refine),
+    )
+
+
+def _cmd_refine(args: argparse.Namespace) -> int:
+    from .refine import CalibrationConfig, RefineJob, refine
+
+    job = RefineJob(
+        model=args.model,
+        outdir=args.outdir,
+        prune=_prune_config(args),
+        calibration=CalibrationConfig(args.calib, args.nsamples, args.seqlen, args.seed),
+        dtype=args.dtype,
+        device=args.device,
+        batch_size=args.batch_size,
+        offload_activations=args.offload_activations,
+        measure_error=args.measure_error,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    manifest = refine(job)
+    s = manifest["sparsity"]
+    print(
+        f"wrote {args.outdir}: {manifest['method']}+{manifest['refinement']}, "
+        f"sparsity {s['pruned_linears']:.4f} of pruned Linears ({s['all_parameters']:.4f} of all parameters), "
+        f"mask time {manifest['times']['mask_seconds']:.1f} s, "
+        f"end-to-end {manifest['times']['end_to_end_seconds']:.1f} s"
+    )
+    if manifest.get("error"):
+        err = manifest["error"]
+        print(
+            f"calibration output error (relative, mean over Linears): {err['mean_relative_output_error_init']:.5f}"
+            f" -> {err['mean_relative_output_error_final']:.5f}"
+        )
+    return EXIT_OK
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import EvalJob, evaluate
+
+    result = evaluate(
+        EvalJob(
+            model=args.model, text=args.text, split=args.split, protocol=args.protocol, seqlen=args.seqlen,
+            max_chunks=args.max_chunks, device=args.device, dtype=args.dtype, progress=not args.quiet,
+            json_path=args.json,
+        )
+    )
+    print(
+        f"perplexity ({result['protocol']} protocol, {result['n_chunks']} chunks of {result['ctx']}, "
+        f"{result['n_scored']} scored tokens): {result['ppl']:.4f}"
+    )
+    return EXIT_OK
+
+
+COMMANDS = {"refine": _cmd_refine, "eval": _cmd_eval}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    try:
+        return COMMANDS[args.command](args)
+    except DsnotError as exc:
+        if args.debug:
+            log.exception("failed")
+        print(f"dsnot-deploy {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"dsnot-deploy {args.command}: interrupted; no output was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - last resort: one line unless --debug
+        if args.debug:
+            raise
+        print(f"dsnot-deploy {args.command}: internal error: {type(exc).__name__}: {exc} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
