@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     for noisy in ("transformers", "datasets", "urllib3", "httpx", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 

@@ -17,6 +17,7 @@ import torch
 from .config import PruneConfig
 from .driver import DriverConfig, run_layers
 from .errors import UserInputError
+from .masks import check_shape
 from .manifest import MANIFEST_NAME, build_manifest, dumps
 from .models import find_decoder_layers, load_model, save_checkpoint
 from .textdata import load_text_source, sample_calibration
@@ -82,6 +83,10 @@ def refine(job: RefineJob) -> dict[str, Any]:
     cal = job.calibration
     samples = sample_calibration(tokenizer, list(text.documents), cal.nsamples, cal.seqlen, cal.seed)
     layers_path, layers = find_decoder_layers(model)
+    for layer in layers:  # fail before any calibration work on a shape the pattern cannot take
+        for mod in layer.modules():
+            if isinstance(mod, torch.nn.Linear):
+                check_shape(mod.weight.shape, job.prune.pattern)
     log.info(
         "refining %d decoder layers (%s) with %s + %s at %s; calibration %d x %d tokens from %s",
         len(layers), layers_path, job.prune.method.value, job.prune.refinement.value,
