@@ -44,7 +44,9 @@ def exact_refine(
     err0 = (G.double() * dw.double()).sum(dim=1)
     err = err0.clone()
     tol = config.rel_tol * err0.abs()
-    flipped = torch.zeros_like(mask)
+    # candidates: entries that never changed state yet (each entry flips at most once)
+    can_grow = ~mask & (dw != 0)
+    can_prune = mask & (Ws != 0)
     swaps = torch.zeros(rows, dtype=torch.long, device=dev)
     running = err0 > 0
     inf = float("inf")
@@ -54,36 +56,41 @@ def exact_refine(
 
     for _ in range(config.max_swaps):
         idx = running.nonzero().squeeze(1)
-        if idx.numel() == 0:
+        n_act = idx.numel()
+        if n_act == 0:
             break
-        dw_a, ws_a, g_a = dw[idx], Ws[idx], G[idx]  # (A, cols)
-        free = ~flipped[idx]
-        # dE of growing j alone: -2 dw_j g_j + dw_j^2 H_jj ; of pruning k alone: 2 w_k g_k + w_k^2 H_kk
-        grow_de = torch.where(
-            ~mask[idx] & free & (dw_a != 0), dw_a * (dw_a * hd - 2 * g_a), torch.full_like(g_a, inf)
-        )
+        everyone = n_act == rows
+        dw_a = dw if everyone else dw[idx]  # (A, cols)
+        ws_a = Ws if everyone else Ws[idx]
+        g_a = G if everyone else G[idx]
+        cg = can_grow if everyone else can_grow[idx]
+        # dE of growing j alone: dw_j (dw_j H_jj - 2 g_j)
+        grow_de = torch.addcmul(g_a, dw_a, hd, value=-0.5).mul_(-2.0).mul_(dw_a).masked_fill_(~cg, inf)
         grow_val, grow_j = torch.topk(grow_de, k_top, dim=1, largest=False)  # (A, K)
+        del grow_de
         dwj = torch.gather(dw_a, 1, grow_j)
         if not pattern.is_nm:
-            prune_de = torch.where(
-                mask[idx] & free & (ws_a != 0), ws_a * (ws_a * hd + 2 * g_a), torch.full_like(g_a, inf)
-            )
+            cp = can_prune if everyone else can_prune[idx]
+            # dE of pruning k alone: w_k (w_k H_kk + 2 g_k)
+            prune_de = torch.addcmul(g_a, ws_a, hd, value=0.5).mul_(2.0).mul_(ws_a).masked_fill_(~cp, inf)
             prune_val, prune_k = torch.topk(prune_de, k_top, dim=1, largest=False)  # (A, K)
+            del prune_de
             cand_k = prune_k.unsqueeze(1).expand(-1, k_top, -1)  # (A, K, K)
             pv = prune_val.unsqueeze(1)
+            wk = torch.gather(ws_a, 1, prune_k).unsqueeze(1)
         else:
             # partners: the other columns of each grown weight's own group of M
             cand_k = (grow_j // pattern.m * pattern.m).unsqueeze(2) + group_off  # (A, K, M)
-            flat_k = cand_k.reshape(idx.numel(), -1)
-            ok_k = torch.gather(mask[idx] & free, 1, flat_k)
+            flat_k = cand_k.reshape(n_act, -1)
+            cp = can_prune if everyone else can_prune[idx]
+            ok_k = torch.gather(cp, 1, flat_k)
             wk = torch.gather(ws_a, 1, flat_k)
             gk = torch.gather(g_a, 1, flat_k)
-            pv = torch.where(ok_k, wk * (wk * hd[flat_k] + 2 * gk), torch.full_like(wk, inf))
-            pv = pv.reshape(cand_k.shape)
-        wk = torch.gather(ws_a, 1, cand_k.reshape(idx.numel(), -1)).reshape(cand_k.shape)
+            pv = torch.where(ok_k, wk * (wk * hd[flat_k] + 2 * gk), torch.full_like(wk, inf)).reshape(cand_k.shape)
+            wk = wk.reshape(cand_k.shape)
         h_jk = H[grow_j.unsqueeze(2), cand_k]  # (A, K, K|M)
         pair = grow_val.unsqueeze(2) + pv - 2 * dwj.unsqueeze(2) * wk * h_jk
-        best, flat = pair.reshape(idx.numel(), -1).min(dim=1)
+        best, flat = pair.reshape(n_act, -1).min(dim=1)
         accept = torch.isfinite(best) & (best.double() < -tol[idx])
         running[idx[~accept]] = False
         if not bool(accept.any()):
@@ -103,8 +110,8 @@ def exact_refine(
         Ws[r, k] = 0.0
         mask[r, j] = True
         mask[r, k] = False
-        flipped[r, j] = True
-        flipped[r, k] = True
+        can_grow[r, j] = False
+        can_prune[r, k] = False
         err[r] += best[accept].double()
         swaps[r] += 1
 
