@@ -28,7 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsnot_deploy.config import Method, PruneConfig, Refinement, SparsityPattern  # noqa: E402
+from dsnot_deploy.config import (  # noqa: E402
+    DSnoTConfig, Method, PruneConfig, Refinement, SparsityPattern, VarianceKind)
 from dsnot_deploy.driver import DriverConfig, run_layers  # noqa: E402
 from dsnot_deploy.models import find_decoder_layers, load_model  # noqa: E402
 from dsnot_deploy.perplexity import perplexity_paper  # noqa: E402
@@ -67,14 +68,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--calib", default=str(SHARED / "c4" / "en-train" / "c4_sample.jsonl"))
     p.add_argument("--eval-text", default=str(SHARED / "wikitext-2-raw-v1" / "wiki.test.raw"))
-    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-seqlen", type=int, default=1024)
-    p.add_argument("--eval-chunks", type=int, default=16)
+    p.add_argument("--eval-chunks", type=int, default=8)
     p.add_argument("--patterns", default="0.5,0.6,0.7,2:4")
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     p.add_argument("--refinements", default="none,dsnot,exact")
-    p.add_argument("--no-timing", action="store_true", help="skip the separate timing runs")
+    p.add_argument("--timing-patterns", default="0.6,2:4", help="patterns of the timing runs ('' for none)")
+    p.add_argument("--variance-patterns", default="0.6,2:4",
+                   help="patterns where Wanda+DSnoT also runs with pooled variance ('' for none)")
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     p.add_argument("--name", default="bench_refine")
     return p.parse_args()
@@ -109,10 +112,12 @@ def main() -> None:
     rows.append({"method": "dense", "refinement": "none", "pattern": "dense", "ppl": dense_ppl})
     print(f"dense ppl {dense_ppl:.3f}", flush=True)
 
-    def run(method: str, refinement: str, pattern_text: str, measure_error: bool) -> dict:
+    def run(method: str, refinement: str, pattern_text: str, measure_error: bool,
+            variance: VarianceKind = VarianceKind.WITHIN_SAMPLE) -> dict:
         model.load_state_dict(dense_state)
         pattern = SparsityPattern.parse(pattern_text)
-        prune = PruneConfig(method=Method(method), pattern=pattern, refinement=Refinement(refinement))
+        prune = PruneConfig(method=Method(method), pattern=pattern, refinement=Refinement(refinement),
+                            dsnot=DSnoTConfig(variance=variance))
         t0 = time.perf_counter()
         with PeakRSS() as rss:
             res = run_layers(model, layers, samples,
@@ -122,7 +127,7 @@ def main() -> None:
         zeros = sum(lin.zeros for lin in lins)
         size = sum(lin.rows * lin.cols for lin in lins)
         row = {
-            "method": method, "refinement": refinement, "pattern": pattern_text,
+            "method": method, "refinement": refinement, "pattern": pattern_text, "variance": variance.value,
             "achieved_sparsity": zeros / size, "mask_seconds": res.mask_seconds, "end_to_end_seconds": seconds,
             "peak_rss_bytes": rss.peak, "swaps_mean": sum(lin.swaps_mean * lin.rows for lin in lins)
             / sum(lin.rows for lin in lins),
@@ -150,16 +155,22 @@ def main() -> None:
                       f"e2e {row['end_to_end_seconds']:7.1f}s swaps {row['swaps_mean']:.1f} "
                       f"worse-linears {row.get('linears_worsened')}/{row.get('linears')}", flush=True)
 
-    timing: list[dict] = []
-    if not args.no_timing:
-        for pattern in patterns:
-            for refinement in ("none", "dsnot", "exact"):
-                row = run("wanda", refinement, pattern, measure_error=False)
-                timing.append(row)
-                print(f"timing wanda {refinement:5s} {pattern:4s} mask {row['mask_seconds']:.2f}s "
-                      f"e2e {row['end_to_end_seconds']:.1f}s", flush=True)
+    variance_rows: list[dict] = []
+    for pattern in filter(None, args.variance_patterns.split(",")):
+        row = run("wanda", "dsnot", pattern, measure_error=True, variance=VarianceKind.POOLED)
+        row["ppl"] = evaluate()
+        variance_rows.append(row)
+        print(f"wanda dsnot pooled-variance {pattern:4s} ppl {row['ppl']:10.3f}", flush=True)
 
-    report = {"settings": settings, "grid": rows, "timing": timing, "total_seconds": time.perf_counter() - t_all}
+    timing: list[dict] = []
+    for pattern in filter(None, args.timing_patterns.split(",")):
+        for refinement in ("none", "dsnot", "exact"):
+            row = run("wanda", refinement, pattern, measure_error=False)
+            timing.append(row)
+            print(f"timing wanda {refinement:5s} {pattern:4s} mask {row['mask_seconds']:.2f}s "
+                  f"e2e {row['end_to_end_seconds']:.1f}s", flush=True)
+
+    report = {"settings": settings, "grid": rows, "timing": timing, "variance": variance_rows, "total_seconds": time.perf_counter() - t_all}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
     write_markdown(report, args.out / f"{args.name}.md")
@@ -236,6 +247,13 @@ def write_markdown(report: dict, path: Path) -> None:
         for r in report["timing"]:
             out.append(f"| {r['refinement']} | {r['pattern']} | {r['mask_seconds']:.2f} | "
                        f"{r['end_to_end_seconds']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} |")
+    if report.get("variance"):
+        out += ["", "## DSnoT channel variance: within-sample (reference, default) vs pooled", "",
+                "| pattern | within-sample | pooled |", "|---|---|---|"]
+        for r in report["variance"]:
+            base = _find(report["grid"], "wanda", "dsnot", r["pattern"])
+            out.append(f"| {r['pattern']} | {base['ppl']:.2f} | {r['ppl']:.2f} |" if base else
+                       f"| {r['pattern']} | - | {r['ppl']:.2f} |")
     errs = [r for r in report["grid"] if r["method"] == "wanda" and "layer_output_error" in r]
     if errs:
         out += ["", "## True calibration output error per layer (Wanda init; mean over the layer's Linears of "
