@@ -111,10 +111,12 @@ class ExactConfig:
 
     max_swaps: int = 64  # per row; each accepted swap strictly lowers the row's error
     top_k: int = 8  # candidates per side evaluated jointly (K x K pairs, cross term included)
+    pool: int = 32  # per-row candidate pool per side, from which the K best are taken each swap
+    refresh_every: int = 8  # swaps between rebuilds of the pool from the whole row (1 = every swap)
     rel_tol: float = 1e-7  # a swap must lower the row error by more than rel_tol * dense row energy
 
     def __post_init__(self) -> None:
-        if self.max_swaps < 0 or self.top_k < 1:
+        if self.max_swaps < 0 or self.top_k < 1 or self.pool < 1 or self.refresh_every < 1:
             raise UserInputError(f"exact refinement needs max_swaps >= 0 and top_k >= 1; got {self}")
 
 

@@ -22,6 +22,16 @@ def row_errors(dense: torch.Tensor, sparse: torch.Tensor, hessian: torch.Tensor)
     return ((dw @ hessian.double()) * dw).sum(dim=1)
 
 
+def _single_move_scores(dw: torch.Tensor, ws: torch.Tensor, g: torch.Tensor, hd: torch.Tensor,
+                        can_grow: torch.Tensor, can_prune: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact dE of growing each entry alone and of pruning each entry alone (+inf if not allowed)."""
+    inf = float("inf")
+    # grow j: dw_j (dw_j H_jj - 2 g_j) ; prune k: w_k (w_k H_kk + 2 g_k)
+    grow = torch.addcmul(g, dw, hd, value=-0.5).mul_(-2.0).mul_(dw).masked_fill_(~can_grow, inf)
+    prune = torch.addcmul(g, ws, hd, value=0.5).mul_(2.0).mul_(ws).masked_fill_(~can_prune, inf)
+    return grow, prune
+
+
 def exact_refine(
     dense: torch.Tensor,
     sparse: torch.Tensor,
@@ -30,7 +40,13 @@ def exact_refine(
     pattern: SparsityPattern,
     config: ExactConfig = ExactConfig(),
 ) -> RefineResult:
-    """Refine `mask` of one Linear by exact-error swaps. dense/sparse/mask: (rows, cols)."""
+    """Refine `mask` of one Linear by exact-error swaps. dense/sparse/mask: (rows, cols).
+
+    Candidates come from a per-row pool of the `pool` best single moves of each side, rebuilt
+    from the whole row every `refresh_every` swaps (and whenever a stale pool offers no improving
+    swap); the K best of the pool by their *current* exact dE are paired.  Acceptance always uses
+    the exact current dE of the pair, so staleness can only cost swaps, never raise the error.
+    """
     check_shape(dense.shape, pattern)
     Wd = dense.detach().float()
     Ws = sparse.detach().float().clone()
@@ -50,51 +66,68 @@ def exact_refine(
     swaps = torch.zeros(rows, dtype=torch.long, device=dev)
     running = err0 > 0
     inf = float("inf")
-    k_top = min(config.top_k, cols)
+    pool = min(max(config.pool, config.top_k), cols)
+    k_top = min(config.top_k, pool)
+    pool_g = torch.zeros(rows, pool, dtype=torch.long, device=dev)
+    pool_p = torch.zeros(rows, pool, dtype=torch.long, device=dev)
+    age = torch.full((rows,), config.refresh_every, dtype=torch.long, device=dev)  # swaps since refresh
     if pattern.is_nm:
         group_off = torch.arange(pattern.m, device=dev)
 
-    for _ in range(config.max_swaps):
+    for _ in range(4 * config.max_swaps + 4):  # each row: <= max_swaps swaps + its refreshes
+        running &= swaps < config.max_swaps
         idx = running.nonzero().squeeze(1)
         n_act = idx.numel()
         if n_act == 0:
             break
-        everyone = n_act == rows
-        dw_a = dw if everyone else dw[idx]  # (A, cols)
-        ws_a = Ws if everyone else Ws[idx]
-        g_a = G if everyone else G[idx]
-        cg = can_grow if everyone else can_grow[idx]
-        # dE of growing j alone: dw_j (dw_j H_jj - 2 g_j)
-        grow_de = torch.addcmul(g_a, dw_a, hd, value=-0.5).mul_(-2.0).mul_(dw_a).masked_fill_(~cg, inf)
-        grow_val, grow_j = torch.topk(grow_de, k_top, dim=1, largest=False)  # (A, K)
-        del grow_de
-        dwj = torch.gather(dw_a, 1, grow_j)
+        stale = age[idx] >= config.refresh_every
+        if bool(stale.any()):
+            r = idx[stale]
+            grow_de, prune_de = _single_move_scores(dw[r], Ws[r], G[r], hd, can_grow[r], can_prune[r])
+            pool_g[r] = torch.topk(grow_de, pool, dim=1, largest=False).indices
+            if not pattern.is_nm:
+                pool_p[r] = torch.topk(prune_de, pool, dim=1, largest=False).indices
+            age[r] = 0
+            del grow_de, prune_de
+        fresh = age[idx] == 0
+        # current exact single-move dE of the pooled candidates
+        pg = pool_g[idx]
+        dwg = torch.gather(dw[idx], 1, pg)
+        gg = torch.gather(G[idx], 1, pg)
+        gval = torch.where(torch.gather(can_grow[idx], 1, pg), dwg * (dwg * hd[pg] - 2 * gg), torch.full_like(gg, inf))
+        grow_val, sel = torch.topk(gval, k_top, dim=1, largest=False)  # (A, K)
+        grow_j = torch.gather(pg, 1, sel)
+        dwj = torch.gather(dwg, 1, sel)
         if not pattern.is_nm:
-            cp = can_prune if everyone else can_prune[idx]
-            # dE of pruning k alone: w_k (w_k H_kk + 2 g_k)
-            prune_de = torch.addcmul(g_a, ws_a, hd, value=0.5).mul_(2.0).mul_(ws_a).masked_fill_(~cp, inf)
-            prune_val, prune_k = torch.topk(prune_de, k_top, dim=1, largest=False)  # (A, K)
-            del prune_de
+            pp = pool_p[idx]
+            wsp = torch.gather(Ws[idx], 1, pp)
+            gp = torch.gather(G[idx], 1, pp)
+            pval = torch.where(torch.gather(can_prune[idx], 1, pp), wsp * (wsp * hd[pp] + 2 * gp),
+                               torch.full_like(gp, inf))
+            prune_val, psel = torch.topk(pval, k_top, dim=1, largest=False)  # (A, K)
+            prune_k = torch.gather(pp, 1, psel)
             cand_k = prune_k.unsqueeze(1).expand(-1, k_top, -1)  # (A, K, K)
             pv = prune_val.unsqueeze(1)
-            wk = torch.gather(ws_a, 1, prune_k).unsqueeze(1)
+            wk = torch.gather(wsp, 1, psel).unsqueeze(1)
         else:
             # partners: the other columns of each grown weight's own group of M
             cand_k = (grow_j // pattern.m * pattern.m).unsqueeze(2) + group_off  # (A, K, M)
             flat_k = cand_k.reshape(n_act, -1)
-            cp = can_prune if everyone else can_prune[idx]
-            ok_k = torch.gather(cp, 1, flat_k)
-            wk = torch.gather(ws_a, 1, flat_k)
-            gk = torch.gather(g_a, 1, flat_k)
+            ok_k = torch.gather(can_prune[idx], 1, flat_k)
+            wk = torch.gather(Ws[idx], 1, flat_k)
+            gk = torch.gather(G[idx], 1, flat_k)
             pv = torch.where(ok_k, wk * (wk * hd[flat_k] + 2 * gk), torch.full_like(wk, inf)).reshape(cand_k.shape)
             wk = wk.reshape(cand_k.shape)
         h_jk = H[grow_j.unsqueeze(2), cand_k]  # (A, K, K|M)
         pair = grow_val.unsqueeze(2) + pv - 2 * dwj.unsqueeze(2) * wk * h_jk
         best, flat = pair.reshape(n_act, -1).min(dim=1)
         accept = torch.isfinite(best) & (best.double() < -tol[idx])
-        running[idx[~accept]] = False
+        # no improving swap: a fresh pool means none exists among the best candidates -> stop;
+        # a stale pool is rebuilt on the next cycle
+        running[idx[~accept & fresh]] = False
+        age[idx[~accept & ~fresh]] = config.refresh_every
         if not bool(accept.any()):
-            break
+            continue
         r = idx[accept]
         width = cand_k.shape[2]
         gi, ki = flat[accept] // width, flat[accept] % width
@@ -114,5 +147,6 @@ def exact_refine(
         can_prune[r, k] = False
         err[r] += best[accept].double()
         swaps[r] += 1
+        age[r] += 1
 
     return RefineResult(Ws, mask, swaps, err0, err)
