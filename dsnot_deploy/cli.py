@@ -62,7 +62,7 @@ def _add_refine_options(p: argparse.ArgumentParser) -> None:
                    help="DSnoT: channel variance (within-sample = reference parity)")
     r.add_argument("--skip-refine", action="append", default=[], choices=["attn", "mlp"],
                    help="prune but do not refine this group of Linears (repeatable; reference: mlp)")
-    r.add_argument("--exact-max-swaps", type=int, default=64, help="exact: swaps per row at most (default 64)")
+    r.add_argument("--exact-max-swaps", type=int, default=128, help="exact: swaps per row at most (default 128)")
     r.add_argument("--exact-top-k", type=int, default=8, help="exact: candidates per side per swap (default 8)")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", default="pydoc",

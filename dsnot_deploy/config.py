@@ -109,7 +109,7 @@ class DSnoTConfig:
 class ExactConfig:
     """Exact-error prune-and-grow (algorithms.md section 4b)."""
 
-    max_swaps: int = 64  # per row; each accepted swap strictly lowers the row's error
+    max_swaps: int = 128  # per row; each accepted swap strictly lowers the row error
     top_k: int = 8  # candidates per side evaluated jointly (K x K pairs, cross term included)
     pool: int = 32  # per-row candidate pool per side, from which the K best are taken each swap
     refresh_every: int = 8  # swaps between rebuilds of the pool from the whole row (1 = every swap)

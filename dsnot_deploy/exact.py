@@ -32,6 +32,25 @@ def _single_move_scores(dw: torch.Tensor, ws: torch.Tensor, g: torch.Tensor, hd:
     return grow, prune
 
 
+def _group_blocks(H: torch.Tensor, m: int) -> torch.Tensor:
+    """The diagonal M x M blocks of H, (cols/M, M, M): H inside each group of M columns."""
+    g = H.shape[0] // m
+    return H.reshape(g, m, g, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+
+
+def _group_pairs(dw: torch.Tensor, ws: torch.Tensor, g: torch.Tensor, hd: torch.Tensor,
+                 can_grow: torch.Tensor, can_prune: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Exact dE of every (grow j, prune k) pair inside each group: (..., groups, M, M).
+
+    All arguments but `blocks` are (..., groups, M); `blocks` is (..., groups, M, M) or broadcastable.
+    """
+    inf = float("inf")
+    grow = torch.addcmul(g, dw, hd, value=-0.5).mul_(-2.0).mul_(dw).masked_fill_(~can_grow, inf)
+    prune = torch.addcmul(g, ws, hd, value=0.5).mul_(2.0).mul_(ws).masked_fill_(~can_prune, inf)
+    cross = (dw.unsqueeze(-1) * ws.unsqueeze(-2)).mul_(blocks).mul_(-2.0)
+    return cross.add_(grow.unsqueeze(-1)).add_(prune.unsqueeze(-2))
+
+
 def exact_refine(
     dense: torch.Tensor,
     sparse: torch.Tensor,
@@ -42,10 +61,12 @@ def exact_refine(
 ) -> RefineResult:
     """Refine `mask` of one Linear by exact-error swaps. dense/sparse/mask: (rows, cols).
 
-    Candidates come from a per-row pool of the `pool` best single moves of each side, rebuilt
-    from the whole row every `refresh_every` swaps (and whenever a stale pool offers no improving
-    swap); the K best of the pool by their *current* exact dE are paired.  Acceptance always uses
-    the exact current dE of the pair, so staleness can only cost swaps, never raise the error.
+    Unstructured: each row keeps a pool of the `pool` best single moves of each side, rebuilt from
+    the whole row every `refresh_every` swaps (and whenever a stale pool offers no improving swap);
+    each swap pairs the K best of each pool by their *current* exact dE (K x K pairs, cross term
+    included).  N:M: a swap stays inside one group, so every pair of a group is evaluated exactly;
+    the pool holds the `pool` groups with the best pair, rebuilt the same way.  Acceptance always
+    uses the exact current dE of the pair, so a stale pool can only cost swaps, never raise E.
     """
     check_shape(dense.shape, pattern)
     Wd = dense.detach().float()
@@ -66,13 +87,21 @@ def exact_refine(
     swaps = torch.zeros(rows, dtype=torch.long, device=dev)
     running = err0 > 0
     inf = float("inf")
-    pool = min(max(config.pool, config.top_k), cols)
-    k_top = min(config.top_k, pool)
-    pool_g = torch.zeros(rows, pool, dtype=torch.long, device=dev)
-    pool_p = torch.zeros(rows, pool, dtype=torch.long, device=dev)
+    nm = pattern.is_nm
+    if nm:
+        m = pattern.m
+        n_groups = cols // m
+        blocks = _group_blocks(H, m)  # (groups, M, M)
+        hd_g = hd.reshape(n_groups, m)
+        group_off = torch.arange(m, device=dev)
+        pool = min(config.pool, n_groups)
+    else:
+        pool = min(max(config.pool, config.top_k), cols)
+        k_top = min(config.top_k, pool)
+        pool_p = torch.zeros(rows, pool, dtype=torch.long, device=dev)
+    pool_g = torch.zeros(rows, pool, dtype=torch.long, device=dev)  # columns, or groups for N:M
     age = torch.full((rows,), config.refresh_every, dtype=torch.long, device=dev)  # swaps since refresh
-    if pattern.is_nm:
-        group_off = torch.arange(pattern.m, device=dev)
+    chunk = max(1, (1 << 24) // (cols * (m if nm else 1)))  # rows per refresh step: bounded memory
 
     for _ in range(4 * config.max_swaps + 4):  # each row: <= max_swaps swaps + its refreshes
         running &= swaps < config.max_swaps
@@ -80,47 +109,58 @@ def exact_refine(
         n_act = idx.numel()
         if n_act == 0:
             break
-        stale = age[idx] >= config.refresh_every
-        if bool(stale.any()):
-            r = idx[stale]
-            grow_de, prune_de = _single_move_scores(dw[r], Ws[r], G[r], hd, can_grow[r], can_prune[r])
-            pool_g[r] = torch.topk(grow_de, pool, dim=1, largest=False).indices
-            if not pattern.is_nm:
+        stale_rows = idx[age[idx] >= config.refresh_every]
+        for c0 in range(0, stale_rows.numel(), chunk):
+            r = stale_rows[c0 : c0 + chunk]
+            if nm:
+                shape = (r.numel(), n_groups, m)
+                pairs = _group_pairs(dw[r].view(shape), Ws[r].view(shape), G[r].view(shape), hd_g,
+                                     can_grow[r].view(shape), can_prune[r].view(shape), blocks)
+                best_group = pairs.flatten(2).amin(dim=2)  # (R', groups)
+                pool_g[r] = torch.topk(best_group, pool, dim=1, largest=False).indices
+            else:
+                grow_de, prune_de = _single_move_scores(dw[r], Ws[r], G[r], hd, can_grow[r], can_prune[r])
+                pool_g[r] = torch.topk(grow_de, pool, dim=1, largest=False).indices
                 pool_p[r] = torch.topk(prune_de, pool, dim=1, largest=False).indices
             age[r] = 0
-            del grow_de, prune_de
         fresh = age[idx] == 0
-        # current exact single-move dE of the pooled candidates
-        pg = pool_g[idx]
-        dwg = torch.gather(dw[idx], 1, pg)
-        gg = torch.gather(G[idx], 1, pg)
-        gval = torch.where(torch.gather(can_grow[idx], 1, pg), dwg * (dwg * hd[pg] - 2 * gg), torch.full_like(gg, inf))
-        grow_val, sel = torch.topk(gval, k_top, dim=1, largest=False)  # (A, K)
-        grow_j = torch.gather(pg, 1, sel)
-        dwj = torch.gather(dwg, 1, sel)
-        if not pattern.is_nm:
-            pp = pool_p[idx]
-            wsp = torch.gather(Ws[idx], 1, pp)
-            gp = torch.gather(G[idx], 1, pp)
-            pval = torch.where(torch.gather(can_prune[idx], 1, pp), wsp * (wsp * hd[pp] + 2 * gp),
-                               torch.full_like(gp, inf))
+        if nm:
+            pgroups = pool_g[idx]  # (A, P)
+            gcols = (pgroups.unsqueeze(2) * m + group_off).reshape(n_act, -1)  # (A, P*M)
+            shape = (n_act, pool, m)
+            rix = idx.unsqueeze(1)
+
+            def take(t: torch.Tensor) -> torch.Tensor:
+                return t[rix, gcols].view(shape)
+
+            pairs = _group_pairs(take(dw), take(Ws), take(G), hd[gcols].view(shape), take(can_grow),
+                                 take(can_prune), blocks[pgroups])  # (A, P, M, M)
+            best, flat = pairs.reshape(n_act, -1).min(dim=1)
+            gi = flat // (m * m)
+            grp = torch.gather(pgroups, 1, gi.unsqueeze(1)).squeeze(1)
+            j_all = grp * m + (flat // m) % m
+            k_all = grp * m + flat % m
+        else:
+            # current exact single-move dE of the pooled candidates
+            pg, pp = pool_g[idx], pool_p[idx]
+            rix = idx.unsqueeze(1)
+            dwg = dw[rix, pg]
+            gg = G[rix, pg]
+            gval = torch.where(can_grow[rix, pg], dwg * (dwg * hd[pg] - 2 * gg), torch.full_like(gg, inf))
+            grow_val, sel = torch.topk(gval, k_top, dim=1, largest=False)  # (A, K)
+            grow_j = torch.gather(pg, 1, sel)
+            dwj = torch.gather(dwg, 1, sel)
+            wsp = Ws[rix, pp]
+            gp = G[rix, pp]
+            pval = torch.where(can_prune[rix, pp], wsp * (wsp * hd[pp] + 2 * gp), torch.full_like(gp, inf))
             prune_val, psel = torch.topk(pval, k_top, dim=1, largest=False)  # (A, K)
             prune_k = torch.gather(pp, 1, psel)
-            cand_k = prune_k.unsqueeze(1).expand(-1, k_top, -1)  # (A, K, K)
-            pv = prune_val.unsqueeze(1)
-            wk = torch.gather(wsp, 1, psel).unsqueeze(1)
-        else:
-            # partners: the other columns of each grown weight's own group of M
-            cand_k = (grow_j // pattern.m * pattern.m).unsqueeze(2) + group_off  # (A, K, M)
-            flat_k = cand_k.reshape(n_act, -1)
-            ok_k = torch.gather(can_prune[idx], 1, flat_k)
-            wk = torch.gather(Ws[idx], 1, flat_k)
-            gk = torch.gather(G[idx], 1, flat_k)
-            pv = torch.where(ok_k, wk * (wk * hd[flat_k] + 2 * gk), torch.full_like(wk, inf)).reshape(cand_k.shape)
-            wk = wk.reshape(cand_k.shape)
-        h_jk = H[grow_j.unsqueeze(2), cand_k]  # (A, K, K|M)
-        pair = grow_val.unsqueeze(2) + pv - 2 * dwj.unsqueeze(2) * wk * h_jk
-        best, flat = pair.reshape(n_act, -1).min(dim=1)
+            wk = torch.gather(wsp, 1, psel)
+            h_jk = H[grow_j.unsqueeze(2), prune_k.unsqueeze(1)]  # (A, K, K)
+            pair = grow_val.unsqueeze(2) + prune_val.unsqueeze(1) - 2 * dwj.unsqueeze(2) * wk.unsqueeze(1) * h_jk
+            best, flat = pair.reshape(n_act, -1).min(dim=1)
+            j_all = torch.gather(grow_j, 1, (flat // k_top).unsqueeze(1)).squeeze(1)
+            k_all = torch.gather(prune_k, 1, (flat % k_top).unsqueeze(1)).squeeze(1)
         accept = torch.isfinite(best) & (best.double() < -tol[idx])
         # no improving swap: a fresh pool means none exists among the best candidates -> stop;
         # a stale pool is rebuilt on the next cycle
@@ -128,12 +168,7 @@ def exact_refine(
         age[idx[~accept & ~fresh]] = config.refresh_every
         if not bool(accept.any()):
             continue
-        r = idx[accept]
-        width = cand_k.shape[2]
-        gi, ki = flat[accept] // width, flat[accept] % width
-        ar = torch.arange(r.numel(), device=dev)
-        j = grow_j[accept][ar, gi]
-        k = cand_k[accept][ar, gi, ki]
+        r, j, k = idx[accept], j_all[accept], k_all[accept]
         a = -dw[r, j]  # change of dw at j (grow)
         b = Ws[r, k]  # change of dw at k (prune)
         G[r] += a.unsqueeze(1) * H[j] + b.unsqueeze(1) * H[k]

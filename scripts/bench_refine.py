@@ -107,6 +107,7 @@ def main() -> None:
     def evaluate() -> float:
         return perplexity_paper(model, eval_ids, args.eval_seqlen, max_chunks=args.eval_chunks, progress=False).ppl
 
+    args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     dense_ppl = evaluate()
     rows.append({"method": "dense", "refinement": "none", "pattern": "dense", "ppl": dense_ppl})
@@ -143,6 +144,14 @@ def main() -> None:
             row["linears"] = len(lins)
         return row
 
+    timing: list[dict] = []  # first, while the machine is quietest
+    for pattern in filter(None, args.timing_patterns.split(",")):
+        for refinement in ("none", "dsnot", "exact"):
+            row = run("wanda", refinement, pattern, measure_error=False)
+            timing.append(row)
+            print(f"timing wanda {refinement:5s} {pattern:4s} mask {row['mask_seconds']:.2f}s "
+                  f"e2e {row['end_to_end_seconds']:.1f}s", flush=True)
+
     patterns = args.patterns.split(",")
     for pattern in patterns:
         for method in args.methods.split(","):
@@ -150,6 +159,7 @@ def main() -> None:
                 row = run(method, refinement, pattern, measure_error=True)
                 row["ppl"] = evaluate()
                 rows.append(row)
+                (args.out / f"{args.name}.partial.json").write_text(json.dumps({"grid": rows, "timing": timing}))
                 print(f"{method:9s} {refinement:5s} {pattern:4s} ppl {row['ppl']:10.3f} "
                       f"sparsity {row['achieved_sparsity']:.4f} mask {row['mask_seconds']:7.1f}s "
                       f"e2e {row['end_to_end_seconds']:7.1f}s swaps {row['swaps_mean']:.1f} "
@@ -162,16 +172,8 @@ def main() -> None:
         variance_rows.append(row)
         print(f"wanda dsnot pooled-variance {pattern:4s} ppl {row['ppl']:10.3f}", flush=True)
 
-    timing: list[dict] = []
-    for pattern in filter(None, args.timing_patterns.split(",")):
-        for refinement in ("none", "dsnot", "exact"):
-            row = run("wanda", refinement, pattern, measure_error=False)
-            timing.append(row)
-            print(f"timing wanda {refinement:5s} {pattern:4s} mask {row['mask_seconds']:.2f}s "
-                  f"e2e {row['end_to_end_seconds']:.1f}s", flush=True)
-
     report = {"settings": settings, "grid": rows, "timing": timing, "variance": variance_rows, "total_seconds": time.perf_counter() - t_all}
-    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.partial.json").unlink(missing_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
     write_markdown(report, args.out / f"{args.name}.md")
     write_plot(report, args.out / f"{args.name}.png")
