@@ -12,7 +12,7 @@ import torch
 
 from .config import Method, PruneConfig, Refinement
 from .dsnot import dsnot_refine, mean_error
-from .exact import exact_refine, row_errors
+from .exact import exact_refine
 from .masks import magnitude_mask, wanda_mask
 from .sparsegpt import sparsegpt_prune
 from .stats import ChannelStats
@@ -44,9 +44,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _relative_output_error(dense: torch.Tensor, sparse: torch.Tensor, hessian: torch.Tensor) -> float:
-    energy = row_errors(dense, torch.zeros_like(dense), hessian).sum()
-    return float(row_errors(dense, sparse, hessian).sum() / energy.clamp_min(1e-30))
+def _output_error(dense: torch.Tensor, sparse: torch.Tensor, hessian: torch.Tensor) -> float:
+    """sum_i dw_i^T H dw_i, float32 matmul with a float64 reduction (a report, not a decision)."""
+    dw = dense - sparse
+    return float(((dw @ hessian) * dw).sum(dtype=torch.float64))
 
 
 def prune_linear(
@@ -69,6 +70,7 @@ def prune_linear(
     init = sparse
     refinement = config.refinement if refine else Refinement.NONE
     swaps = torch.zeros(1, dtype=torch.long)
+    errors: tuple[float, float] | None = None  # (init, final) output error when the refinement knows it
     if refinement is Refinement.DSNOT:
         result = dsnot_refine(
             dense,
@@ -85,10 +87,18 @@ def prune_linear(
         assert hessian is not None
         result = exact_refine(dense, sparse, mask, hessian, config.pattern, config.exact)
         sparse, swaps = result.weight, result.swaps
+        errors = (float(result.objective_before.sum()), float(result.objective_after.sum()))
     _sync(dense.device)
     mask_seconds = time.perf_counter() - t0
 
     tokensum = stats.tokensum.to(dense.device)
+    out_init = out_final = None
+    if hessian is not None:
+        energy = max(_output_error(dense, torch.zeros_like(dense), hessian), 1e-30)
+        if errors is None:
+            final = _output_error(dense, sparse, hessian)
+            errors = (_output_error(dense, init, hessian) if refinement is not Refinement.NONE else final, final)
+        out_init, out_final = errors[0] / energy, errors[1] / energy
     report = LinearReport(
         name=name,
         rows=dense.shape[0],
@@ -98,8 +108,8 @@ def prune_linear(
         swaps_max=int(swaps.max()),
         mean_error_init=float(mean_error(dense, init, tokensum).abs().sum()),
         mean_error_final=float(mean_error(dense, sparse, tokensum).abs().sum()),
-        output_error_init=None if hessian is None else _relative_output_error(dense, init, hessian),
-        output_error_final=None if hessian is None else _relative_output_error(dense, sparse, hessian),
+        output_error_init=out_init,
+        output_error_final=out_final,
         mask_seconds=mask_seconds,
     )
     return sparse, report

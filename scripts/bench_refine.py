@@ -75,6 +75,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--patterns", default="0.5,0.6,0.7,2:4")
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     p.add_argument("--refinements", default="none,dsnot,exact")
+    p.add_argument("--timing-only", action="store_true", help="only the timing runs (no grid, no plot)")
     p.add_argument("--timing-patterns", default="0.6,2:4", help="patterns of the timing runs ('' for none)")
     p.add_argument("--variance-patterns", default="0.6,2:4",
                    help="patterns where Wanda+DSnoT also runs with pooled variance ('' for none)")
@@ -152,6 +153,10 @@ def main() -> None:
             print(f"timing wanda {refinement:5s} {pattern:4s} mask {row['mask_seconds']:.2f}s "
                   f"e2e {row['end_to_end_seconds']:.1f}s", flush=True)
 
+    if args.timing_only:
+        print("\n".join(ratio_lines({"grid": [], "timing": timing})))
+        (args.out / f"{args.name}.timing.json").write_text(json.dumps({"settings": settings, "timing": timing}, indent=1))
+        return
     patterns = args.patterns.split(",")
     for pattern in patterns:
         for method in args.methods.split(","):
@@ -201,7 +206,7 @@ def ratio_lines(report: dict) -> list[str]:
                 if r is not None:
                     lines.append(f"ppl {method}+{ref} / {method} at {pattern}: {r['ppl'] / base['ppl']:.3f} "
                                  f"({base['ppl']:.2f} -> {r['ppl']:.2f})")
-    for pattern in patterns:
+    for pattern in sorted({r["pattern"] for r in timing}):
         base = _find(timing, "wanda", "none", pattern)
         for ref in ("dsnot", "exact"):
             r = _find(timing, "wanda", ref, pattern)
