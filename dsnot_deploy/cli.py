@@ -7,7 +7,6 @@ Exit codes: 0 success, 2 bad input (one clear line, no traceback unless --debug)
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -117,8 +116,16 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def _prune_config(args: argparse.Namespace):
-    from .config import (DSnoTConfig, ExactConfig, MagnitudeScope, Method, PruneConfig, Refinement,
-                         SparsityPattern, VarianceKind)
+    from .config import (
+        DSnoTConfig,
+        ExactConfig,
+        MagnitudeScope,
+        Method,
+        PruneConfig,
+        Refinement,
+        SparsityPattern,
+        VarianceKind,
+    )
 
     if args.pattern is not None:
         pattern = SparsityPattern.parse(args.pattern)

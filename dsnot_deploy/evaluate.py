@@ -8,19 +8,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import __version__
 from .atomic import atomic_write_bytes
 from .errors import UserInputError
-from .models import load_model
+from .models import DTYPES, load_model
 from .perplexity import perplexity_llamacpp, perplexity_paper
 from .textdata import load_text_source, tokenize_eval
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 @dataclass(frozen=True)
 class EvalJob:

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 SOURCE_KINDS = ("alias-gguf", "gguf", "local-dir", "hub")
 
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 # `org/name`: Hub ids allow letters, digits, '-', '_' and '.'; neither part may start with '.'/'-'.
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*/[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 

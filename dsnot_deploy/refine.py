@@ -17,15 +17,12 @@ import torch
 from .config import PruneConfig
 from .driver import DriverConfig, run_layers
 from .errors import UserInputError
-from .masks import check_shape
 from .manifest import MANIFEST_NAME, build_manifest, dumps
-from .models import find_decoder_layers, load_model, save_checkpoint
+from .masks import check_shape
+from .models import DTYPES, find_decoder_layers, load_model, save_checkpoint
 from .textdata import load_text_source, sample_calibration
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 @dataclass(frozen=True)
 class CalibrationConfig:
@@ -115,5 +112,6 @@ def refine(job: RefineJob) -> dict[str, Any]:
         extra={"run": {"device": job.device, "dtype": job.dtype, "batch_size": job.batch_size}},
     )
     manifest["times"]["end_to_end_seconds"] = time.perf_counter() - t0
-    save_checkpoint(model, tokenizer, job.outdir, manifest_name=MANIFEST_NAME, manifest=dumps(manifest), force=job.force)
+    save_checkpoint(model, tokenizer, job.outdir, manifest_name=MANIFEST_NAME, manifest=dumps(manifest),
+                    force=job.force)
     return manifest

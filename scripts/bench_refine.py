@@ -20,7 +20,6 @@ import os
 import sys
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,8 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsnot_deploy.config import (  # noqa: E402
-    DSnoTConfig, Method, PruneConfig, Refinement, SparsityPattern, VarianceKind)
+from dsnot_deploy.config import DSnoTConfig, Method, PruneConfig, Refinement, SparsityPattern, VarianceKind  # noqa: E402
 from dsnot_deploy.driver import DriverConfig, run_layers  # noqa: E402
 from dsnot_deploy.models import find_decoder_layers, load_model  # noqa: E402
 from dsnot_deploy.perplexity import perplexity_paper  # noqa: E402
@@ -155,7 +153,8 @@ def main() -> None:
 
     if args.timing_only:
         print("\n".join(ratio_lines({"grid": [], "timing": timing})))
-        (args.out / f"{args.name}.timing.json").write_text(json.dumps({"settings": settings, "timing": timing}, indent=1))
+        timing_report = {"settings": settings, "timing": timing}
+        (args.out / f"{args.name}.timing.json").write_text(json.dumps(timing_report, indent=1))
         return
     patterns = args.patterns.split(",")
     for pattern in patterns:
@@ -177,7 +176,8 @@ def main() -> None:
         variance_rows.append(row)
         print(f"wanda dsnot pooled-variance {pattern:4s} ppl {row['ppl']:10.3f}", flush=True)
 
-    report = {"settings": settings, "grid": rows, "timing": timing, "variance": variance_rows, "total_seconds": time.perf_counter() - t_all}
+    report = {"settings": settings, "grid": rows, "timing": timing, "variance": variance_rows,
+              "total_seconds": time.perf_counter() - t_all}
     (args.out / f"{args.name}.partial.json").unlink(missing_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
     write_markdown(report, args.out / f"{args.name}.md")

@@ -419,7 +419,8 @@ def test_save_checkpoint_refuses_untied_head_under_tied_config(tmp_path: Path) -
 
 
 def test_save_checkpoint_refuses_tokenizer_that_reloads_differently(tmp_path: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
 
     # transformers 5 reloads any tokenizer next to a model_type "qwen2" config as Qwen2Tokenizer, which
