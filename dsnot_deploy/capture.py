@@ -9,7 +9,7 @@ is named per architecture.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,29 +35,26 @@ class LayerCall:
 _DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "output_attentions")
 
 
-def _detach(value: Any) -> Any:
+def _map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], value: Any) -> Any:
+    """Apply `fn` to every tensor inside nested tuples/lists/dicts; other values pass through."""
     if isinstance(value, torch.Tensor):
-        return value.detach()
+        return fn(value)
     if isinstance(value, tuple):
-        return tuple(_detach(v) for v in value)
+        return tuple(_map_tensors(fn, v) for v in value)
     if isinstance(value, list):
-        return [_detach(v) for v in value]
+        return [_map_tensors(fn, v) for v in value]
     if isinstance(value, dict):
-        return {k: _detach(v) for k, v in value.items()}
+        return {k: _map_tensors(fn, v) for k, v in value.items()}
     return value
+
+
+def _detach(value: Any) -> Any:
+    return _map_tensors(torch.Tensor.detach, value)
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:
     """Move every tensor inside nested tuples/lists/dicts to `device`."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(to_device(v, device) for v in value)
-    if isinstance(value, list):
-        return [to_device(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
+    return _map_tensors(lambda t: t.to(device), value)
 
 
 def layer_output(output: Any) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import LayerCall, capture_layer_inputs, layer_output, to_device
-from .config import LAYER_GROUPS, PruneConfig
+from .config import PruneConfig
 from .pruner import LinearReport, prune_linear
 from .stats import ChannelStats, accumulate
 
@@ -161,5 +161,3 @@ def run_layers(
     bar.close()
     return DriverResult(reports, hidden, mask_seconds, time.perf_counter() - t_start)
 
-
-__all__ = ["DriverConfig", "DriverResult", "LayerReport", "run_layers", "linear_group", "LAYER_GROUPS"]
