@@ -7,30 +7,32 @@ Exit codes: 0 success, 2 bad input (one clear line, no traceback unless --debug)
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
+from .cli_common import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, Parser, add_logging_options
 from .errors import DsnotError
 
 log = logging.getLogger("dsnot_deploy")
 
-EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+# Commands defined in their own modules: each has `register(subparsers) -> {name: handler}`.
+COMMAND_MODULES = (
+    "dsnot_deploy.cmd_export",
+    "dsnot_deploy.cmd_validate",
+    "dsnot_deploy.cmd_pack",
+)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="where layers are processed: cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="model dtype; statistics are always float32 (default float32)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    p.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
+    add_logging_options(p)
 
 
 def _add_refine_options(p: argparse.ArgumentParser) -> None:
@@ -77,9 +79,9 @@ def _add_refine_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dsnot-deploy", description="Make a decoder LLM sparse without training and ship it.")
+    parser = Parser(prog="dsnot-deploy", description="Make a decoder LLM sparse without training and ship it.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("refine", help="prune a model layer by layer and save a sparse checkpoint",
                        description="Prune every Linear of the decoder layers (magnitude/Wanda/SparseGPT), "
@@ -101,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-chunks", type=int, default=None, help="score at most this many chunks")
     e.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
     _add_common(e)
+    for module_name in COMMAND_MODULES:
+        if importlib.util.find_spec(module_name) is not None:
+            COMMANDS.update(importlib.import_module(module_name).register(sub))
     return parser
 
 
@@ -198,7 +203,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"refine": _cmd_refine, "eval": _cmd_eval}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"refine": _cmd_refine, "eval": _cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
