@@ -1,0 +1,418 @@
+"""Export a Hugging Face checkpoint (dense, or sparse from `refine`) to a GGUF that llama.cpp runs.
+
+Flow: index the checkpoint -> plan every tensor (GGUF name, type, byte size) -> write header,
+metadata and tensor infos -> stream the tensors one at a time (load from the memory-mapped
+safetensors, rewrite, quantize, write, free) -> for llama.cpp-only types, run llama.cpp's quantizer
+on that intermediate file -> read the result back and count the pruned zeros that survived -> rename
+into place and write ``OUT.export.json``.  Nothing appears under the final name until it is
+complete; temporaries live next to it and are removed on any failure.
+
+Tensors whose row length is not a multiple of the type's block size are written as F16 (the
+documented fallback, recorded per tensor in the report), like llama.cpp's own converter does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from dsnot_deploy import __version__
+from dsnot_deploy.errors import UnsupportedModelError, UserInputError
+
+from .gguf_arch import ArchSpec, find_arch, llama3_rope_factors, needs_rope_freqs
+from .gguf_tokenizer import (
+    build_vocab,
+    detect_pre,
+    load_hf_tokenizer,
+    tokenization_mismatches,
+    usable_probes,
+    write_vocab,
+)
+from .gguf_types import OutputType, parse_output_type
+from .gguf_zeros import count_zeros, summarize
+from .hf_source import HFCheckpoint, open_checkpoint
+from .imatrix import imatrix_from_stats, read_imatrix_file
+from .llamacpp_quantize import llamacpp_quantize
+
+logger = logging.getLogger(__name__)
+
+REPORT_SUFFIX = ".export.json"
+# A checkpoint without a manifest counts as sparse when this fraction of its first layer is zero.
+SPARSE_ZERO_FRACTION = 0.1
+_SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What to write.  ``imatrix``: "auto" (the checkpoint's calibration statistics if present),
+    "none", or a file (llama.cpp imatrix GGUF or our calibration_stats.safetensors)."""
+
+    qtype: str = "F16"
+    imatrix: str = "auto"
+    allow_zero_loss: bool = False
+    force: bool = False
+    progress: bool = True
+    tokenizer_pre: str | None = None  # None: detect by asking llama.cpp (see gguf_tokenizer)
+    threads: int = 0  # llama.cpp quantizer threads; 0 = all cores
+
+    def __post_init__(self) -> None:
+        try:
+            parse_output_type(self.qtype)
+        except KeyError as exc:
+            raise UserInputError(str(exc.args[0])) from None
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    hf_name: str | None  # None for tensors we compute (rope_freqs)
+    gguf_name: str
+    shape: tuple[int, ...]  # row-major, numpy order
+    qtype: Q
+    pruned: bool  # a 2-D weight inside a decoder layer: its zeros are counted
+    fallback: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        block, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
+        n = int(np.prod(self.shape))
+        return n // block * type_size
+
+
+@dataclass
+class _Plan:
+    tensors: list[PlannedTensor] = field(default_factory=list)
+
+    def by_name(self) -> dict[str, PlannedTensor]:
+        return {t.gguf_name: t for t in self.tensors}
+
+
+def report_path(out: Path) -> Path:
+    return out.with_name(out.name + REPORT_SUFFIX)
+
+
+def _name_mapper(spec: ArchSpec, n_blocks: int):
+    tmap = gguf.get_tensor_name_map(spec.gguf_arch, n_blocks)
+
+    def gguf_name(hf_name: str) -> str | None:
+        return tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+    return gguf_name
+
+
+def _is_tied(ckpt: HFCheckpoint) -> bool:
+    cfg = ckpt.text_config
+    tie = ckpt.config.get("tie_word_embeddings", cfg.get("tie_word_embeddings", True))
+    return bool(tie) or "lm_head.weight" not in ckpt.tensors
+
+
+def _intermediate_type(ckpt: HFCheckpoint) -> Q:
+    """Lossless carrier for llama.cpp's quantizer: the checkpoint's own float width."""
+    dtypes = {ref.dtype for ref in ckpt.tensors.values() if len(ref.shape) == 2}
+    if dtypes == {"BF16"}:
+        return Q.BF16
+    if dtypes == {"F16"}:
+        return Q.F16
+    return Q.F32
+
+
+def plan_tensors(ckpt: HFCheckpoint, spec: ArchSpec, weight_type: Q) -> _Plan:
+    cfg = ckpt.text_config
+    n_blocks = int(cfg["num_hidden_layers"])
+    to_gguf = _name_mapper(spec, n_blocks)
+    tied = _is_tied(ckpt)
+    plan = _Plan()
+    block = gguf.GGML_QUANT_SIZES[weight_type][0]
+    for hf_name in sorted(ckpt.tensors, key=_natural_key):
+        if hf_name.endswith(_SKIPPED_SUFFIXES) or (tied and hf_name == "lm_head.weight"):
+            continue
+        ref = ckpt.tensors[hf_name]
+        name = to_gguf(hf_name)  # gguf-py keeps the .weight/.bias suffix
+        if name is None:
+            raise UnsupportedModelError(
+                f"tensor {hf_name} of {ckpt.architecture} has no GGUF name in gguf-py's table for {spec.name}"
+            )
+        if len(ref.shape) == 2 and name.endswith(".weight"):
+            fallback = ref.shape[-1] % block != 0
+            qtype = Q.F16 if fallback else weight_type
+            if fallback:
+                logger.warning("%s: %d columns are not a multiple of %s's block of %d; writing it as F16",
+                               name, ref.shape[-1], weight_type.name, block)
+            plan.tensors.append(PlannedTensor(hf_name, name, ref.shape, qtype, name.startswith("blk."), fallback))
+        else:
+            plan.tensors.append(PlannedTensor(hf_name, name, ref.shape, Q.F32, False))
+    if needs_rope_freqs(cfg):
+        n = len(llama3_rope_factors(cfg))
+        plan.tensors.append(PlannedTensor(None, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                                          (n,), Q.F32, False))
+    return plan
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _source_values(ckpt: HFCheckpoint, spec: ArchSpec, t: PlannedTensor) -> np.ndarray:
+    if t.hf_name is None:
+        return llama3_rope_factors(ckpt.text_config)
+    return spec.transform(t.hf_name, ckpt.load(t.hf_name), ckpt.text_config)
+
+
+def _encode(values: np.ndarray, qtype: Q) -> np.ndarray:
+    """Values -> the bytes ggml stores for them (gguf-py's quantizers, byte-identical to ggml's)."""
+    data = gguf.quants.quantize(np.ascontiguousarray(values, dtype=np.float32), qtype)
+    return np.ascontiguousarray(data).view(np.uint8)
+
+
+def _is_sparse(ckpt: HFCheckpoint, spec: ArchSpec) -> bool:
+    manifest = ckpt.manifest
+    if manifest is not None:
+        return float(manifest.get("sparsity", {}).get("pruned_linears", 0.0)) > 0.0
+    first = [n for n, ref in ckpt.tensors.items() if len(ref.shape) == 2 and re.search(r"\.0\.", n)]
+    zeros = size = 0
+    for name in first:
+        arr = ckpt.load(name)
+        zeros += int((arr == 0).sum())
+        size += arr.size
+    return size > 0 and zeros / size >= SPARSE_ZERO_FRACTION
+
+
+def _dsnot_metadata(w: gguf.GGUFWriter, manifest: dict[str, Any] | None) -> None:
+    w.add_string("dsnot.export.version", __version__)
+    if manifest is None:
+        return
+    w.add_string("dsnot.tool_version", str(manifest.get("tool", {}).get("version", "")))
+    w.add_string("dsnot.method", str(manifest.get("method", "")))
+    w.add_string("dsnot.refinement", str(manifest.get("refinement", "")))
+    pattern = manifest.get("pattern", {})
+    kind = "unstructured" if pattern.get("kind") != "n:m" else f"{pattern.get('n')}:{pattern.get('m')}"
+    w.add_string("dsnot.pattern", kind)
+    if pattern.get("target_sparsity") is not None:
+        w.add_float32("dsnot.sparsity", float(pattern["target_sparsity"]))
+    sparsity = manifest.get("sparsity", {})
+    if "pruned_linears" in sparsity:
+        w.add_float32("dsnot.sparsity.achieved", float(sparsity["pruned_linears"]))
+    per_layer = [float(layer["sparsity"]) for layer in sparsity.get("per_layer", [])]
+    if per_layer:
+        w.add_array("dsnot.sparsity.per_layer", per_layer)
+    for key, value in (manifest.get("calibration") or {}).items():
+        if isinstance(value, bool | int | float | str) and not isinstance(value, bool):
+            if isinstance(value, str):
+                w.add_string(f"dsnot.calibration.{key}", value)
+            elif isinstance(value, int):
+                w.add_uint32(f"dsnot.calibration.{key}", value) if value >= 0 else w.add_int32(
+                    f"dsnot.calibration.{key}", value)
+            else:
+                w.add_float32(f"dsnot.calibration.{key}", float(value))
+    source = manifest.get("model", {}).get("source")
+    if source:
+        w.add_string("dsnot.model.source", str(source))
+
+
+def _model_name(ckpt: HFCheckpoint) -> str:
+    name = ckpt.config.get("_name_or_path") or ""
+    return Path(str(name)).name or ckpt.root.name
+
+
+def _write_gguf(
+    path: Path, ckpt: HFCheckpoint, spec: ArchSpec, plan: _Plan, vocab: Any, pre: str | None, ftype: int,
+    progress: bool,
+) -> None:
+    from tqdm import tqdm
+
+    w = gguf.GGUFWriter(path, spec.name)
+    try:
+        w.add_name(_model_name(ckpt))
+        w.add_file_type(int(ftype))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        spec.write_hparams(w, ckpt.text_config)
+        write_vocab(w, vocab, pre)
+        _dsnot_metadata(w, ckpt.manifest)
+        for t in plan.tensors:
+            block, type_size = gguf.GGML_QUANT_SIZES[t.qtype]
+            byte_shape = (*t.shape[:-1], t.shape[-1] // block * type_size)
+            w.add_tensor_info(t.gguf_name, byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=t.qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        bar = tqdm(plan.tensors, desc="writing tensors", unit="tensor", disable=not progress)
+        for t in bar:
+            data = _encode(_source_values(ckpt, spec, t), t.qtype)
+            if data.nbytes != t.nbytes:
+                raise AssertionError(f"{t.gguf_name}: planned {t.nbytes} bytes, encoded {data.nbytes}")
+            w.write_tensor_data(data)
+        w.fout[0].flush()
+        os.fsync(w.fout[0].fileno())
+    finally:
+        w.close()
+
+
+def _load_imatrix(config: ExportConfig, ckpt: HFCheckpoint, spec: ArchSpec) -> tuple[dict[str, np.ndarray], str]:
+    to_gguf = _name_mapper(spec, int(ckpt.text_config["num_hidden_layers"]))
+    if config.imatrix == "none":
+        return {}, "none"
+    if config.imatrix == "auto":
+        stats = ckpt.load_stats()
+        return imatrix_from_stats(stats, to_gguf), ("calibration_stats.safetensors" if stats else "none")
+    path = Path(config.imatrix)
+    data = read_imatrix_file(path)
+    if path.suffix == ".safetensors":
+        data = imatrix_from_stats(data, to_gguf)
+    return data, str(path)
+
+
+def _tmp_name(out: Path, tag: str) -> Path:
+    return out.with_name(f".{out.name}.{os.getpid()}.{tag}.tmp")
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise UserInputError(f"output {out} already exists; pass --force to replace it")
+    if out.is_dir():
+        raise UserInputError(f"output {out} is a directory; expected a .gguf file name")
+    if not out.parent.is_dir():
+        raise UserInputError(f"output folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise UserInputError(f"output folder {out.parent} is not writable")
+
+
+def _tensor_types(path: Path) -> dict[str, int]:
+    reader = gguf.GGUFReader(path)
+    hist: dict[str, int] = {}
+    for t in reader.tensors:
+        hist[t.tensor_type.name] = hist.get(t.tensor_type.name, 0) + 1
+    return hist
+
+
+def _pruned_names(path: Path) -> Iterator[str]:
+    reader = gguf.GGUFReader(path)
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2:
+            yield t.name
+
+
+def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = ExportConfig()) -> dict[str, Any]:
+    """Write ``out`` (GGUF) from the checkpoint directory; return the report (also saved as OUT.export.json)."""
+    start = time.perf_counter()
+    out = Path(out).expanduser().absolute()
+    otype: OutputType = parse_output_type(config.qtype)
+    ckpt = open_checkpoint(checkpoint)
+    _check_output(out, config.force)
+    spec = find_arch(ckpt.architecture)
+    cfg = ckpt.text_config
+    if spec.gguf_arch == gguf.MODEL_ARCH.LLAMA and cfg.get("sliding_window"):
+        logger.warning("this checkpoint sets sliding_window=%s; llama.cpp's llama architecture attends to the "
+                       "full context, so outputs differ beyond the window", cfg["sliding_window"])
+    sparse = _is_sparse(ckpt, spec)
+    if sparse and not otype.keeps_zeros and not config.allow_zero_loss:
+        raise UserInputError(
+            f"type {otype.name} does not keep exact zeros ({otype.description}) and {ckpt.root} is sparse; "
+            f"use a zero-keeping type (F16, BF16, Q8_0, Q5_0, Q4_0, Q6_K, SPARSE_Q5, SPARSE_Q4, SPARSE_Q3) "
+            f"or pass --allow-zero-loss"
+        )
+    weight_type = otype.direct if otype.direct is not None else _intermediate_type(ckpt)
+    plan = plan_tensors(ckpt, spec, weight_type)
+    tokenizer = load_hf_tokenizer(ckpt.root)
+    vocab = build_vocab(ckpt.root, int(cfg["vocab_size"]), tokenizer)
+    pre = config.tokenizer_pre
+    if pre is None and vocab.model == "gpt2":
+        pre = detect_pre(vocab, tokenizer, ckpt.root, lambda w: spec.write_hparams(w, cfg), spec.name)
+    imatrix, imatrix_source = _load_imatrix(config, ckpt, spec) if otype.via_llamacpp else ({}, "not used")
+
+    first = _tmp_name(out, "f" if otype.via_llamacpp else "w")
+    final = _tmp_name(out, "q") if otype.via_llamacpp else first
+    try:
+        ftype = gguf.LlamaFileType.ALL_F32 if weight_type == Q.F32 else {
+            Q.F16: gguf.LlamaFileType.MOSTLY_F16, Q.BF16: gguf.LlamaFileType.MOSTLY_BF16}.get(weight_type, otype.ftype)
+        _write_gguf(first, ckpt, spec, plan, vocab, pre, otype.ftype if otype.direct is not None else ftype,
+                    config.progress)
+        if otype.via_llamacpp:
+            llamacpp_quantize(first, final, int(otype.ftype), imatrix=imatrix or None, overrides=otype.overrides,
+                              pure=otype.pure, nthread=config.threads)
+            first.unlink()
+        written = time.perf_counter()
+        planned = plan.by_name()
+
+        def source(name: str) -> np.ndarray:
+            return _source_values(ckpt, spec, planned[name])
+
+        zeros = count_zeros(final, list(_pruned_names(final)), source)
+        probes = usable_probes(tokenizer)
+        mismatches = tokenization_mismatches(final, tokenizer, probes)
+        report = {
+            "tool": {"name": "dsnot-deploy", "version": __version__},
+            "versions": _versions(),
+            "input": str(ckpt.root),
+            "output": str(out),
+            "architecture": {"hf": ckpt.architecture, "gguf": spec.name},
+            "type": otype.name,
+            "type_description": otype.description,
+            "tensor_types": _tensor_types(final),
+            "fallback_tensors": [t.gguf_name for t in plan.tensors if t.fallback],
+            "imatrix": {"source": imatrix_source, "entries": len(imatrix)},
+            "sparse_input": sparse,
+            "manifest": _manifest_summary(ckpt.manifest),
+            "tokenizer": {
+                "model": vocab.model,
+                "pre": pre,
+                "probe_texts": len(probes),
+                "probe_mismatches": len(mismatches),
+            },
+            "file_bytes": final.stat().st_size,
+            "parameters": _param_count(plan),
+            "bits_per_weight": 8 * final.stat().st_size / max(_param_count(plan), 1),
+            "zeros": summarize(zeros),
+            "zeros_per_tensor": [z.as_dict() for z in zeros],
+            "seconds": {"write": written - start, "total": time.perf_counter() - start},
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        if mismatches:
+            logger.warning("llama.cpp tokenizes %d of %d probe texts differently from the HF tokenizer",
+                           len(mismatches), len(probes))
+        os.replace(final, out)
+    except BaseException:
+        first.unlink(missing_ok=True)
+        final.unlink(missing_ok=True)
+        raise
+    from dsnot_deploy.atomic import atomic_write_bytes
+
+    atomic_write_bytes(report_path(out), (json.dumps(report, indent=2) + "\n").encode())
+    return report
+
+
+def _param_count(plan: _Plan) -> int:
+    return sum(int(np.prod(t.shape)) for t in plan.tensors)
+
+
+def _manifest_summary(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
+    if manifest is None:
+        return None
+    return {k: manifest.get(k) for k in ("method", "refinement", "pattern", "calibration")} | {
+        "sparsity": (manifest.get("sparsity") or {}).get("pruned_linears")}
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "gguf": _dist_version("gguf")}
+    versions["llama-cpp-python"] = _dist_version("llama-cpp-python")
+    return versions
+
+
+def _dist_version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"

@@ -1,0 +1,79 @@
+"""Did the pruned zeros survive?  Read the written GGUF back and compare with the checkpoint.
+
+For every GGUF weight that came from a checkpoint tensor, the checkpoint's exact zeros are the
+pruned positions.  The GGUF tensor is dequantized (gguf-py; K-quants included) and we count how many
+of those positions are still exactly zero, and how many new zeros quantization created.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ZeroCount:
+    name: str
+    type: str
+    size: int
+    zeros_source: int
+    zeros_kept: int
+    zeros_added: int
+
+    @property
+    def kept_fraction(self) -> float:
+        return 1.0 if self.zeros_source == 0 else self.zeros_kept / self.zeros_source
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "kept_fraction": self.kept_fraction}
+
+
+def count_zeros(
+    gguf_path: Path,
+    names: Iterable[str],
+    source: Callable[[str], np.ndarray],
+) -> list[ZeroCount]:
+    """One ZeroCount per GGUF tensor in ``names``; ``source(name)`` gives the written values' origin.
+
+    ``source`` returns the checkpoint tensor after the same rewrites as the export (permutation),
+    in GGUF's row-major layout, so positions correspond one to one.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_path)
+    by_name = {t.name: t for t in reader.tensors}
+    counts = []
+    for name in names:
+        t = by_name[name]
+        written = gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1)
+        src = source(name).reshape(-1)
+        if src.size != written.size:
+            raise ValueError(f"{name}: {written.size} values written, {src.size} in the checkpoint")
+        was_zero = src == 0
+        is_zero = written == 0
+        counts.append(ZeroCount(
+            name=name,
+            type=t.tensor_type.name,
+            size=int(src.size),
+            zeros_source=int(was_zero.sum()),
+            zeros_kept=int((was_zero & is_zero).sum()),
+            zeros_added=int((~was_zero & is_zero).sum()),
+        ))
+    return counts
+
+
+def summarize(counts: list[ZeroCount]) -> dict[str, Any]:
+    zs = sum(c.zeros_source for c in counts)
+    kept = sum(c.zeros_kept for c in counts)
+    return {
+        "tensors": len(counts),
+        "zeros_in_checkpoint": zs,
+        "zeros_kept": kept,
+        "zeros_added_by_quantization": sum(c.zeros_added for c in counts),
+        "kept_fraction": 1.0 if zs == 0 else kept / zs,
+        "tensors_fully_kept": sum(c.zeros_kept == c.zeros_source for c in counts),
+    }

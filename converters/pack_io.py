@@ -1,0 +1,72 @@
+"""Atomic outputs for the pack converters: a file or a directory appears complete or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from dsnot_deploy.errors import UserInputError
+
+
+def check_output(path: Path, force: bool) -> Path:
+    """Fail before any work when `path` exists (without --force) or its folder does not."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise UserInputError(f"output {path} already exists; pass --force to replace it")
+    folder = path.absolute().parent
+    if not folder.is_dir():
+        raise UserInputError(f"output folder {folder} does not exist")
+    return folder
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, force: bool) -> Iterator[BinaryIO]:
+    """Yield a temporary file in `path`'s folder; on success fsync and rename it to `path`.
+
+    On any exception the temporary file is removed and `path` is left as it was.
+    """
+    folder = check_output(path, force)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise UserInputError(f"cannot write in {folder}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "w+b") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        if Path(path).is_dir():
+            raise UserInputError(f"output {path} is a directory, expected a file path")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; on success move it to `path` (replacing it)."""
+    path = Path(path)
+    folder = check_output(path, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=folder))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
