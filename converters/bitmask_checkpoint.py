@@ -11,8 +11,9 @@ config.json gets `quantization_config = {"quant_method": "compressed-tensors", "
 
 "Kept" is every weight whose bit pattern is not all zeros, so -0.0 is stored as a value and the
 round trip is bit-exact. In 2:4 groups with fewer than two non-zeros, the first zero slots fill
-the group (their value 0 is stored). Only 2-D `*.weight` tensors with zeros are compressed
-(and, for 2:4, only those with at most two non-zeros in every group of four along rows).
+the group (their value 0 is stored). Only 2-D `*.weight` tensors with zeros that are not
+embeddings or `lm_head` are compressed (the Linears compressed-tensors targets), and for 2:4 only
+those with at most two non-zeros in every group of four along rows.
 """
 
 from __future__ import annotations
@@ -148,6 +149,11 @@ def decompress_weight(parts: dict[str, Any], structure: str, name: str) -> Any:
     return dense
 
 
+def is_linear_weight(name: str, t: Any) -> bool:
+    """2-D `*.weight` that is not an embedding or the output head (the Linears the tools target)."""
+    return t.dim() == 2 and name.endswith(".weight") and "embed" not in name and "lm_head" not in name
+
+
 def _copy_other_files(src: Path, dst: Path) -> None:
     for f in src.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
@@ -173,7 +179,7 @@ def pack_bitmask_checkpoint(ckpt: Path, outdir: Path, *, structure: str = "spars
     for name in tqdm(sorted(state), desc=structure, disable=not progress):
         t = state[name].contiguous()
         before += t.numel() * t.element_size()
-        parts = compress_weight(t, structure) if (t.dim() == 2 and name.endswith(".weight")) else None
+        parts = compress_weight(t, structure) if is_linear_weight(name, t) else None
         if parts is None:
             out[name] = t
             continue

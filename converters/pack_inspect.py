@@ -77,12 +77,13 @@ def inspect_file(path: Path) -> dict[str, Any]:
 
 
 def _value_text(v: Any, count: int, width: int = 60) -> str:
+    def cut(text: str) -> str:
+        return text if len(text) <= width else text[: width - 3] + "..."
+
     if isinstance(v, list):
-        text = ", ".join(repr(x) for x in v)
-        text = f"[{text}{', ...' if count > len(v) else ''}] ({count} items)"
-    else:
-        text = repr(v)
-    return text if len(text) <= width else text[: width - 3] + "..."
+        items = ", ".join(repr(x) for x in v)
+        return f"[{cut(items + (', ...' if count > len(v) else ''))}] ({count} items)"
+    return cut(repr(v))
 
 
 def format_report(info: dict[str, Any], metadata: bool = True) -> str:
