@@ -252,6 +252,50 @@ def test_tokenization_check_can_fail_and_detection_finds_a_match(tmp_path: Path)
     assert report["tokenizer"]["pre"] == "gpt-2"
 
 
+def _sentencepiece_style_tokenizer():
+    """Llama-2-style tokenizer.json: BPE over '▁'-joined text with byte fallback (<0x00>..<0xFF> in the
+    model vocab), BOS added by the post-processor."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from converters.gguf_tokenizer import PROBE_TEXTS
+
+    def normalizer():
+        return normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+
+    base = Tokenizer(models.BPE(unk_token="<unk>"))
+    base.normalizer = normalizer()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    base.train_from_iterator([t for t in PROBE_TEXTS if t.isascii()] * 3, trainer=trainer)
+    trained = json.loads(base.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{i:02X}>": 3 + i for i in range(256)}
+    for tok, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(tok, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    core = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    core.normalizer = normalizer()
+    core.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)])
+    core.add_special_tokens(["<unk>", "<s>", "</s>"])
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_sentencepiece_style_tokenizer_tokenizes_like_hf(tmp_path: Path) -> None:
+    ckpt = save_tiny_checkpoint(tmp_path / "spm", arch="llama", tokenizer=_sentencepiece_style_tokenizer(),
+                                vocab_size=768)
+    out = tmp_path / "m.gguf"
+    report = export_gguf(ckpt, out, ExportConfig(qtype="F32", progress=False))
+    assert report["tokenizer"]["model"] == "llama" and report["tokenizer"]["pre"] is None
+    assert report["tokenizer"]["probe_mismatches"] == 0 and report["tokenizer"]["probe_texts"] >= 10
+    fields = gguf.GGUFReader(out).fields
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert types[3:259] == [int(gguf.TokenType.BYTE)] * 256 and types[1] == int(gguf.TokenType.CONTROL)
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+    ids = [1, *PROMPT[1:]]
+    assert np.abs(_llamacpp_logits(out, ids) - _torch_logits(ckpt, ids)).max() < 2e-3
+
+
 def test_unsupported_architecture_is_a_clear_error(tmp_path: Path, capsys) -> None:
     ckpt = _checkpoint(tmp_path, "llama")
     cfg = json.loads((ckpt / "config.json").read_text())
