@@ -366,3 +366,53 @@ def test_existing_output_needs_force(sparse_llama: Path, tmp_path: Path, capsys)
     assert "--force" in capsys.readouterr().err and out.read_bytes() == b"keep me"
     assert main(["export", str(sparse_llama), str(out), "--force", "-q"]) == 0
     assert out.read_bytes()[:4] == b"GGUF"
+
+
+def _write_imatrix_gguf(path: Path, means: dict[str, np.ndarray], count: float = 40.0) -> None:
+    """A llama.cpp imatrix file: per weight, '<name>.in_sum2' (sum of x^2) and '<name>.counts'."""
+    w = gguf.GGUFWriter(path, "imatrix")
+    w.add_string("general.type", "imatrix")
+    for name, mean in means.items():
+        w.add_tensor(f"{name}.in_sum2", (mean * count).astype(np.float32).reshape(1, -1))
+        w.add_tensor(f"{name}.counts", np.array([[count]], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_importance_matrix_from_llamacpp_file_and_from_our_statistics(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    from converters.imatrix import read_imatrix_file
+
+    ckpt = save_tiny_checkpoint(tmp_path / "wide", arch="llama", hidden_size=256, intermediate_size=512, head_dim=64)
+    _sparsify(ckpt, 0.5)
+    rng = np.random.default_rng(0)
+    modules = {name[: -len(".weight")]: shape for name, shape in
+               ((n, r.shape) for n, r in gguf_export.open_checkpoint(ckpt).tensors.items())
+               if ".layers." in name and name.endswith("proj.weight")}
+    stats = {m: rng.gamma(0.3, 1.0, size=shape[1]).astype(np.float32) for m, shape in modules.items()}
+    mapper = gguf_export._name_mapper(gguf_export.find_arch("LlamaForCausalLM"), 2)
+    imatrix_file = tmp_path / "imatrix.gguf"
+    _write_imatrix_gguf(imatrix_file, {mapper(m + ".weight"): v for m, v in stats.items()})
+    read_back = read_imatrix_file(imatrix_file)
+    assert len(read_back) == 14 and all(np.allclose(read_back[mapper(m + ".weight")], v) for m, v in stats.items())
+
+    plain = export_gguf(ckpt, tmp_path / "plain.gguf", ExportConfig(qtype="SPARSE_Q4", imatrix="none", progress=False))
+    from_file = export_gguf(ckpt, tmp_path / "file.gguf",
+                            ExportConfig(qtype="SPARSE_Q4", imatrix=str(imatrix_file), progress=False))
+    save_file(stats, str(ckpt / "calibration_stats.safetensors"))
+    auto = export_gguf(ckpt, tmp_path / "auto.gguf", ExportConfig(qtype="SPARSE_Q4", progress=False))
+    assert plain["imatrix"]["entries"] == 0 and from_file["imatrix"]["entries"] == auto["imatrix"]["entries"] == 14
+    assert auto["imatrix"]["source"] == "calibration_stats.safetensors"
+    for report in (plain, from_file, auto):
+        assert report["zeros"]["kept_fraction"] == 1.0
+
+    def q_bytes(path: Path) -> bytes:
+        return next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.attn_q.weight").data.tobytes()
+
+    # the importance matrix was used (sum/count round trips to within an ulp, so the two routes may differ
+    # in a rounding tie; both differ from the plain quantization)
+    assert q_bytes(tmp_path / "file.gguf") != q_bytes(tmp_path / "plain.gguf")
+    assert q_bytes(tmp_path / "auto.gguf") != q_bytes(tmp_path / "plain.gguf")
