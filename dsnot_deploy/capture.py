@@ -85,6 +85,28 @@ def _layers_on(layers: nn.ModuleList, device: torch.device | str) -> Iterator[No
             h.remove()
 
 
+@contextmanager
+def _layers_pass_through(layers: nn.ModuleList) -> Iterator[None]:
+    """During a forward, every layer returns its hidden states unchanged without touching its weights.
+
+    Forward pre-hooks still run (they see the arguments the model passes), so a model whose
+    layers are still on the meta device can be "run" to record what each layer would receive.
+    """
+    def pass_through(*args: Any, **kwargs: Any) -> Any:
+        return args[0] if args else kwargs["hidden_states"]
+
+    for layer in layers:
+        layer.forward = pass_through  # instance attribute: nn.Module.__call__ finds it first
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+Allocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
 def capture_layer_inputs(
     model: nn.Module,
     layers: nn.ModuleList,
@@ -92,16 +114,42 @@ def capture_layer_inputs(
     batch_size: int,
     device: torch.device | str,
     store_device: torch.device | str,
+    *,
+    move_layers: bool = True,
+    pass_through: bool = False,
+    allocate: Allocator | None = None,
 ) -> tuple[torch.Tensor, list[LayerCall]]:
     """Return (hidden states entering layer 0: (nsamples, L, hidden), one LayerCall per layer).
 
     `samples` is (nsamples, L) token ids.  The model's non-layer modules must already be on
-    `device`; layers may live elsewhere (they are visited on `device` for the one dense pass).
+    `device`; layers may live elsewhere (they are visited on `device` for the one dense pass,
+    unless `move_layers` is False: a model dispatched over several devices stays where it is).
+
+    `pass_through=True` records every layer's arguments without running any layer (they return
+    their input unchanged): the layers' weights may be on the meta device (streaming).  This is
+    exact when the model computes the per-layer arguments (masks, rotary tables) before its
+    layer loop from the inputs alone, as Hugging Face decoders do; tested on Llama, Qwen2, Qwen3
+    and Gemma 3 against the dense pass.
+
+    `allocate(shape, dtype)` gives the buffer the hidden states are written into (default: an
+    empty tensor on `store_device`); e.g. a memory-mapped file for disk offload.
     """
     n = samples.shape[0]
     calls: list[LayerCall | None] = [None] * len(layers)
-    first_inputs: list[torch.Tensor] = []
+    buffer: list[torch.Tensor] = []
+    position = 0
     stop_at_first = False
+    last = len(layers) - 1
+
+    def store_first(hidden: torch.Tensor) -> None:
+        nonlocal position
+        if not buffer:
+            shape = (n, *hidden.shape[1:])
+            buffer.append(allocate(shape, hidden.dtype) if allocate is not None
+                          else torch.empty(shape, dtype=hidden.dtype, device=store_device))
+        b = hidden.shape[0]
+        buffer[0][position : position + b].copy_(hidden.detach())
+        position += b
 
     def make_pre(i: int):
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -112,11 +160,11 @@ def capture_layer_inputs(
                 )
             hidden = args[0] if args else kwargs["hidden_states"]
             if i == 0:
-                first_inputs.append(hidden.detach().to(store_device))
+                store_first(hidden)
             if calls[i] is None:
                 kw = {k: _detach(v) for k, v in kwargs.items() if k not in _DROP_KWARGS and k != "hidden_states"}
                 calls[i] = LayerCall(args=_detach(tuple(args[1:])), kwargs=kw)
-            if i == 0 and stop_at_first:
+            if (i == 0 and stop_at_first) or (pass_through and i == last):
                 raise _StopForward
 
         return pre
@@ -128,7 +176,10 @@ def capture_layer_inputs(
                 batch = samples[start : start + batch_size].to(device)
                 stop_at_first = start > 0
                 try:
-                    if start == 0:
+                    if start == 0 and pass_through:
+                        with _layers_pass_through(layers):
+                            model(input_ids=batch, use_cache=False)
+                    elif start == 0 and move_layers:
                         with _layers_on(layers, device):
                             model(input_ids=batch, use_cache=False)
                     else:
@@ -141,4 +192,6 @@ def capture_layer_inputs(
     if any(c is None for c in calls):
         missing = [i for i, c in enumerate(calls) if c is None]
         raise UnsupportedModelError(f"decoder layers {missing} were never called by the model's forward")
-    return torch.cat(first_inputs, dim=0), [c for c in calls if c is not None]
+    if position != n:
+        raise UnsupportedModelError(f"expected {n} calibration sequences to reach decoder layer 0; {position} did")
+    return buffer[0], [c for c in calls if c is not None]

@@ -90,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("outdir", type=Path, help="output checkpoint directory (created atomically)")
     p.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
     _add_refine_options(p)
+    scale = p.add_argument_group("scale (docs/scale.md)")
+    scale.add_argument("--stream", action="store_true",
+                       help="read, refine and write one decoder layer at a time from the safetensors shards "
+                            "(memory-mapped): memory does not grow with depth; needs a safetensors checkpoint")
+    scale.add_argument("--device-map", default=None, metavar="MAP",
+                       help="keep the whole model resident over several devices, placed by accelerate: auto, "
+                            "balanced, balanced_low_0, sequential, or a JSON file {module: device}; each layer "
+                            "is refined on its own device")
+    scale.add_argument("--offload-dir", type=Path, default=None, metavar="DIR",
+                       help="keep the activation buffers in memory-mapped files in DIR (disk offload)")
+    scale.add_argument("--dry-run", action="store_true",
+                       help="print the memory needed per device and the expected time (from the config and "
+                            "rates measured here), then stop without reading weights or writing anything")
     _add_common(p)
 
     e = sub.add_parser("eval", help="perplexity of a model under the paper or llama.cpp protocol",
@@ -153,9 +166,28 @@ def _prune_config(args: argparse.Namespace):
     )
 
 
+def _device_map_arg(text: str | None):
+    if text is None or text in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return text
+    import json
+
+    from .errors import UserInputError
+
+    try:
+        value = json.loads(Path(text).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"expected --device-map auto/balanced/balanced_low_0/sequential or a JSON file "
+                             f"{{module: device}}; found {text!r} ({exc})") from None
+    if not isinstance(value, dict):
+        raise UserInputError(f"expected a JSON object {{module: device}} in {text}; found {type(value).__name__}")
+    return value
+
+
 def _cmd_refine(args: argparse.Namespace) -> int:
     from .refine import CalibrationConfig, RefineJob, refine
 
+    if args.dry_run:
+        return _cmd_refine_dry_run(args)
     job = RefineJob(
         model=args.model,
         outdir=args.outdir,
@@ -168,6 +200,9 @@ def _cmd_refine(args: argparse.Namespace) -> int:
         measure_error=args.measure_error,
         force=args.force,
         progress=not args.quiet,
+        stream=args.stream,
+        activations_dir=args.offload_dir,
+        device_map=_device_map_arg(args.device_map),
     )
     manifest = refine(job)
     s = manifest["sparsity"]
@@ -183,6 +218,30 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             f"calibration output error (relative, mean over Linears): {err['mean_relative_output_error_init']:.5f}"
             f" -> {err['mean_relative_output_error_final']:.5f}"
         )
+    return EXIT_OK
+
+
+def _cmd_refine_dry_run(args: argparse.Namespace) -> int:
+    from .estimate import RunShape, estimate_for_spec, format_estimate
+    from .refine import CalibrationConfig, RefineJob
+
+    device_map = _device_map_arg(args.device_map)
+    # the same validation as a real run (batch size, dtype, CUDA present, stream vs device map)
+    RefineJob(model=args.model, outdir=args.outdir, prune=_prune_config(args),
+              calibration=CalibrationConfig(args.calib, args.nsamples, args.seqlen, args.seed), dtype=args.dtype,
+              device=args.device, batch_size=args.batch_size, stream=args.stream, activations_dir=args.offload_dir,
+              device_map=device_map)
+    n_devices = 1
+    if device_map is not None:
+        import torch
+
+        n_devices = (len({str(v) for v in device_map.values()}) if isinstance(device_map, dict)
+                     else max(torch.cuda.device_count(), 1))
+    activations = "disk" if args.offload_dir is not None else "cpu" if args.offload_activations else "device"
+    run = RunShape(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, dtype=args.dtype,
+                   device=args.device, stream=args.stream, activations=activations, n_devices=n_devices,
+                   measure_error=args.measure_error)
+    print(format_estimate(estimate_for_spec(args.model, run, _prune_config(args))))
     return EXIT_OK
 
 

@@ -32,6 +32,21 @@ class DriverConfig:
     offload_activations: bool = False  # keep the B x L x hidden buffers on CPU
     measure_error: bool = False  # collect H even when the method does not need it
     progress: bool = True
+    # Keep the two activation buffers in memory-mapped files in this folder (disk offload; the
+    # files are unlinked at once, so nothing is left behind).  Implies offload_activations.
+    activations_dir: str | None = None
+    # Leave every layer where it is (a model dispatched over several devices with accelerate's
+    # device_map) and process it on its own device, instead of moving it to `device`.
+    layers_in_place: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+
+    @property
+    def store_device(self) -> str:
+        """Where the (nsamples, L, hidden) activation buffers live."""
+        return "cpu" if (self.offload_activations or self.activations_dir) else self.device
 
 
 @dataclass
@@ -67,10 +82,11 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall, batch_si
                out: torch.Tensor | None) -> None:
     with torch.no_grad():
         for start in range(0, hidden.shape[0], batch_size):
-            x = hidden[start : start + batch_size].to(device)
+            # non_blocking: with pinned host buffers the copies queue behind the compute (no host sync)
+            x = hidden[start : start + batch_size].to(device, non_blocking=True)
             y = layer_output(layer(x, *call.args, **call.kwargs))
             if out is not None:
-                out[start : start + batch_size] = y.to(out.device, out.dtype)
+                out[start : start + batch_size].copy_(y, non_blocking=True)
 
 
 def _calibrate(
@@ -101,13 +117,94 @@ def _calibrate(
     try:
         with torch.no_grad():
             for start in range(0, hidden.shape[0], config.batch_size):
-                x = hidden[start : start + config.batch_size].to(config.device)
+                x = hidden[start : start + config.batch_size].to(config.device, non_blocking=True)
                 layer(x, *call.args, **call.kwargs)
                 seen.clear()
     finally:
         for h in handles:
             h.remove()
     return stats
+
+
+def allocate_activations(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str, directory: str | None = None,
+    like_device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """An uninitialised activation buffer: on `device`, or memory-mapped from a file in `directory`.
+
+    A disk buffer is a shared mapping of a fresh file that is unlinked at once (the mapping keeps
+    it alive), so the kernel can write its pages out instead of holding them in RAM.  When the
+    layers run on CUDA (`like_device`), a host buffer is pinned so copies can be asynchronous.
+    """
+    if directory is not None:
+        import os
+        import tempfile
+
+        numel = 1
+        for d in shape:
+            numel *= d
+        fd, path = tempfile.mkstemp(prefix="dsnot-activations-", suffix=".bin", dir=directory)
+        os.close(fd)
+        try:
+            buf = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+        finally:
+            os.unlink(path)
+        return buf.view(shape)
+    pin = torch.device(device).type == "cpu" and like_device is not None and torch.device(like_device).type == "cuda"
+    return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+
+
+def process_layer(
+    index: int,
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    out: torch.Tensor,
+    call: LayerCall,
+    config: DriverConfig,
+    device: torch.device | str,
+    with_hessian: bool,
+) -> tuple[LayerReport, float]:
+    """Calibrate, prune and propagate one decoder layer already on `device`, in place.
+
+    `hidden` holds the layer's inputs; its outputs (of the pruned layer) are written to `out`.
+    Returns the layer's report and its mask seconds.  `call` must already be on `device`.
+    """
+    t_layer = time.perf_counter()
+    report = LayerReport(index=index)
+    mask_seconds = 0.0
+    prune = config.prune
+    if prune is not None:
+        per_device = config if device == config.device else _with_device(config, device)
+        linears = _linears(layer)
+        stats = _calibrate(layer, linears, hidden, call, per_device, with_hessian)
+        for name, mod in linears.items():
+            if name not in stats:  # a Linear the forward never called stays dense
+                log.warning("layer %d: %s was not called during calibration; left dense", index, name)
+                continue
+            refine = linear_group(name) not in prune.skip_refine_groups
+            new_weight, lrep = prune_linear(f"{index}.{name}", mod.weight, stats[name], prune, refine)
+            mod.weight.data.copy_(new_weight.to(mod.weight.dtype))
+            mask_seconds += lrep.mask_seconds
+            report.linears.append(lrep)
+        del stats
+    _run_layer(layer, hidden, call, config.batch_size, device, out)
+    report.seconds = time.perf_counter() - t_layer
+    return report, mask_seconds
+
+
+def _with_device(config: DriverConfig, device: torch.device | str) -> DriverConfig:
+    from dataclasses import replace
+
+    return replace(config, device=str(device))
+
+
+def _layer_device(layer: nn.Module) -> torch.device:
+    devices = {p.device for p in layer.parameters()}
+    if len(devices) != 1 or next(iter(devices)).type == "meta":
+        raise ValueError(
+            f"expected every parameter of a decoder layer on one real device; found {sorted(map(str, devices))}"
+        )
+    return next(iter(devices))
 
 
 def run_layers(
@@ -117,47 +214,60 @@ def run_layers(
     config: DriverConfig,
     on_layer_done: Callable[[LayerReport], None] | None = None,
 ) -> DriverResult:
-    """Prune (or just run, when config.prune is None) every decoder layer in order, in place."""
+    """Prune (or just run, when config.prune is None) every decoder layer in order, in place.
+
+    With `config.layers_in_place` each layer is processed on the device it lives on (several
+    GPUs through accelerate's device_map); otherwise it visits `config.device` and goes back.
+    """
     t_start = time.perf_counter()
     device = config.device
-    store = "cpu" if config.offload_activations else device
+    store = config.store_device
     n = samples.shape[0]
     if n % config.batch_size:
         raise ValueError(f"batch_size {config.batch_size} must divide nsamples {n}")
-    hidden, calls = capture_layer_inputs(model, layers, samples, config.batch_size, device, store)
+
+    def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return allocate_activations(shape, dtype, store, config.activations_dir, like_device=device)
+
+    hidden, calls = capture_layer_inputs(model, layers, samples, config.batch_size, device, store,
+                                         move_layers=not config.layers_in_place, allocate=allocate)
     prune = config.prune
     with_hessian = prune is not None and (prune.needs_hessian or config.measure_error)
     reports: list[LayerReport] = []
     mask_seconds = 0.0
-    out = torch.empty_like(hidden)
+    out = allocate(tuple(hidden.shape), hidden.dtype)
     bar = tqdm(total=len(layers), desc="layers", unit="layer", disable=not config.progress)
+    previous: torch.device | None = None
     for i, layer in enumerate(layers):
-        t_layer = time.perf_counter()
-        home = next(layer.parameters()).device
-        layer.to(device)
-        call = LayerCall(args=to_device(calls[i].args, device), kwargs=to_device(calls[i].kwargs, device))
-        report = LayerReport(index=i)
-        if prune is not None:
-            linears = _linears(layer)
-            stats = _calibrate(layer, linears, hidden, call, config, with_hessian)
-            for name, mod in linears.items():
-                if name not in stats:  # a Linear the forward never called stays dense
-                    log.warning("layer %d: %s was not called during calibration; left dense", i, name)
-                    continue
-                refine = linear_group(name) not in prune.skip_refine_groups
-                new_weight, lrep = prune_linear(f"{i}.{name}", mod.weight, stats[name], prune, refine)
-                mod.weight.data.copy_(new_weight.to(mod.weight.dtype))
-                mask_seconds += lrep.mask_seconds
-                report.linears.append(lrep)
-            del stats
-        _run_layer(layer, hidden, call, config.batch_size, device, out)
+        if config.layers_in_place:
+            layer_device = _layer_device(layer)
+            if previous is not None and previous != layer_device:
+                synchronize(previous)  # its asynchronous copies into `out` must land before another device reads
+            if store != "cpu" and hidden.device != layer_device:  # activations follow the layers
+                hidden, out = hidden.to(layer_device), out.to(layer_device)
+        else:
+            layer_device = torch.device(device)
+            home = next(layer.parameters()).device
+            layer.to(layer_device)
+        call = LayerCall(args=to_device(calls[i].args, layer_device), kwargs=to_device(calls[i].kwargs, layer_device))
+        report, seconds = process_layer(i, layer, hidden, out, call, config, str(layer_device), with_hessian)
+        mask_seconds += seconds
+        previous = layer_device
         hidden, out = out, hidden
-        layer.to(home)
-        report.seconds = time.perf_counter() - t_layer
+        if not config.layers_in_place:
+            layer.to(home)
         reports.append(report)
         if on_layer_done is not None:
             on_layer_done(report)
         bar.update(1)
     bar.close()
+    if previous is not None:
+        synchronize(previous)
     return DriverResult(reports, hidden, mask_seconds, time.perf_counter() - t_start)
 
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued CUDA work (asynchronous copies into pinned buffers) on `device`; no-op on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

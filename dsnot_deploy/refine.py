@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from .driver import DriverConfig, run_layers
 from .errors import UserInputError
 from .manifest import MANIFEST_NAME, build_manifest, dumps
 from .masks import check_shape
-from .models import DTYPES, find_decoder_layers, load_model, save_checkpoint
+from .models import DTYPES, find_decoder_layers, load_model, load_model_dispatched, save_checkpoint
 from .textdata import load_text_source, sample_calibration
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,16 @@ class RefineJob:
     measure_error: bool = False
     force: bool = False
     progress: bool = True
+    stream: bool = False  # read/refine/write one decoder layer at a time from safetensors shards
+    activations_dir: Path | None = None  # disk offload: activation buffers memory-mapped from files here
+    device_map: str | dict[str, Any] | None = None  # several GPUs: place the whole model with accelerate
 
     def __post_init__(self) -> None:
+        if self.stream and self.device_map is not None:
+            raise UserInputError("expected either --stream (one layer at a time) or --device-map (the whole model "
+                                 "resident over several devices); found both")
+        if self.activations_dir is not None and not Path(self.activations_dir).is_dir():
+            raise UserInputError(f"expected an existing folder for the activation files; found {self.activations_dir}")
         if self.dtype not in DTYPES:
             raise UserInputError(f"dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}")
         if self.batch_size < 1 or self.calibration.nsamples % self.batch_size:
@@ -70,38 +78,52 @@ def check_output_dir(outdir: Path, force: bool) -> None:
         raise UserInputError(f"output folder {parent} does not exist")
 
 
+def _driver_config(job: RefineJob) -> DriverConfig:
+    return DriverConfig(
+        prune=job.prune,
+        batch_size=job.batch_size,
+        device=job.device,
+        offload_activations=job.offload_activations,
+        measure_error=job.measure_error,
+        progress=job.progress,
+        activations_dir=str(job.activations_dir) if job.activations_dir is not None else None,
+        layers_in_place=job.device_map is not None,
+    )
+
+
+def _check_shapes(layers: Any, job: RefineJob) -> None:
+    """Fail before any calibration work on a shape the pattern cannot take (meta tensors work too)."""
+    for layer in layers:
+        for mod in layer.modules():
+            if isinstance(mod, torch.nn.Linear):
+                check_shape(mod.weight.shape, job.prune.pattern)
+
+
 def refine(job: RefineJob) -> dict[str, Any]:
     """Run the whole job and return the manifest it wrote."""
+    if job.stream:
+        return refine_streaming(job)
     t0 = time.perf_counter()
     check_output_dir(job.outdir, job.force)
     text = load_text_source(job.calibration.source)
-    loaded = load_model(job.model, dtype=DTYPES[job.dtype], device=job.device)
+    if job.device_map is not None:
+        loaded = load_model_dispatched(job.model, DTYPES[job.dtype], job.device_map)
+    else:
+        loaded = load_model(job.model, dtype=DTYPES[job.dtype], device=job.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     cal = job.calibration
     samples = sample_calibration(tokenizer, list(text.documents), cal.nsamples, cal.seqlen, cal.seed)
     layers_path, layers = find_decoder_layers(model)
-    for layer in layers:  # fail before any calibration work on a shape the pattern cannot take
-        for mod in layer.modules():
-            if isinstance(mod, torch.nn.Linear):
-                check_shape(mod.weight.shape, job.prune.pattern)
+    _check_shapes(layers, job)
+    device = job.device
+    if job.device_map is not None:  # calibration batches enter where the embeddings live
+        device = str(model.get_input_embeddings().weight.device)
     log.info(
         "refining %d decoder layers (%s) with %s + %s at %s; calibration %d x %d tokens from %s",
         len(layers), layers_path, job.prune.method.value, job.prune.refinement.value,
         job.prune.pattern.describe(), cal.nsamples, cal.seqlen, cal.source,
     )
-    result = run_layers(
-        model,
-        layers,
-        samples,
-        DriverConfig(
-            prune=job.prune,
-            batch_size=job.batch_size,
-            device=job.device,
-            offload_activations=job.offload_activations,
-            measure_error=job.measure_error,
-            progress=job.progress,
-        ),
-    )
+    result = run_layers(model, layers, samples, replace(_driver_config(job), device=device))
     manifest = build_manifest(
         model,
         job.prune,
@@ -109,9 +131,73 @@ def refine(job: RefineJob) -> dict[str, Any]:
         calibration=asdict(cal),
         model_source=job.model,
         layers_path=layers_path,
-        extra={"run": {"device": job.device, "dtype": job.dtype, "batch_size": job.batch_size}},
+        extra={"run": _run_record(job)},
     )
     manifest["times"]["end_to_end_seconds"] = time.perf_counter() - t0
     save_checkpoint(model, tokenizer, job.outdir, manifest_name=MANIFEST_NAME, manifest=dumps(manifest),
                     force=job.force)
+    return manifest
+
+
+def _run_record(job: RefineJob) -> dict[str, Any]:
+    record: dict[str, Any] = {"device": job.device, "dtype": job.dtype, "batch_size": job.batch_size}
+    if job.stream:
+        record["stream"] = True
+    if job.device_map is not None:
+        record["device_map"] = job.device_map
+    if job.activations_dir is not None:
+        record["activations"] = "disk"
+    elif job.offload_activations:
+        record["activations"] = "cpu"
+    return record
+
+
+def refine_streaming(job: RefineJob) -> dict[str, Any]:
+    """The job with `stream=True`: one decoder layer in memory at a time (see `stream`).
+
+    Needs a safetensors checkpoint (directory or Hub id); writes the same checkpoint as
+    `refine` (sharded: the non-layer tensors, then one shard per layer, plus the index).
+    """
+    from .models import (
+        SafetensorsCheckpoint,
+        ShardedCheckpointWriter,
+        build_skeleton,
+        load_generation_config,
+        load_tokenizer,
+        streamable_checkpoint_dir,
+    )
+    from .stream import plan_stream, stream_layers
+
+    t0 = time.perf_counter()
+    check_output_dir(job.outdir, job.force)
+    source, directory = streamable_checkpoint_dir(job.model)
+    checkpoint = SafetensorsCheckpoint.open(directory)
+    text = load_text_source(job.calibration.source)
+    skeleton = build_skeleton(directory, DTYPES[job.dtype])
+    tokenizer = load_tokenizer(directory)
+    cal = job.calibration
+    samples = sample_calibration(tokenizer, list(text.documents), cal.nsamples, cal.seqlen, cal.seed)
+    layers_path, layers = find_decoder_layers(skeleton)
+    _check_shapes(layers, job)
+    plan = plan_stream(skeleton, checkpoint)
+    log.info(
+        "streaming %d decoder layers (%s) of %s with %s + %s at %s; calibration %d x %d tokens from %s",
+        len(layers), layers_path, directory, job.prune.method.value, job.prune.refinement.value,
+        job.prune.pattern.describe(), cal.nsamples, cal.seqlen, cal.source,
+    )
+    with ShardedCheckpointWriter(job.outdir, plan.n_shards, force=job.force) as writer:
+        streamed = stream_layers(skeleton, checkpoint, samples, _driver_config(job), writer, plan=plan)
+        # build_manifest counts zeros over a model's parameters; the skeleton holds none (meta), so
+        # it gets an empty module and the counts come from the tensors the writer wrote.
+        manifest = build_manifest(
+            torch.nn.Module(), job.prune, streamed.driver, calibration=asdict(cal), model_source=job.model,
+            layers_path=layers_path, extra={"run": _run_record(job)},
+        )
+        manifest["model"]["class"] = type(skeleton).__name__
+        s = manifest["sparsity"]
+        s["all_parameters_zeros"], s["all_parameters_params"] = streamed.zeros, streamed.params
+        s["all_parameters"] = streamed.zeros / max(streamed.params, 1)
+        manifest["times"]["end_to_end_seconds"] = time.perf_counter() - t0
+        writer.commit(skeleton.config, tokenizer, load_generation_config(directory, skeleton),
+                      manifest_name=MANIFEST_NAME, manifest=dumps(manifest))
     return manifest
