@@ -54,6 +54,9 @@ class LayerReport:
     index: int
     linears: list[LinearReport] = field(default_factory=list)
     seconds: float = 0.0
+    # per Linear (name inside the layer): mean over calibration tokens of x_j^2, float32 on the CPU;
+    # llama.cpp's importance matrix entry (= Wanda's sqnorm / L)
+    input_sq_mean: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -181,6 +184,8 @@ def process_layer(
             if name not in stats:  # a Linear the forward never called stays dense
                 log.warning("layer %d: %s was not called during calibration; left dense", index, name)
                 continue
+            st = stats[name]
+            report.input_sq_mean[name] = (st.sq_sum / max(st.n_tokens, 1)).detach().to("cpu", torch.float32)
             refine = linear_group(name) not in prune.skip_refine_groups
             new_weight, lrep = prune_linear(f"{index}.{name}", mod.weight, stats[name], prune, refine)
             mod.weight.data.copy_(new_weight.to(mod.weight.dtype))

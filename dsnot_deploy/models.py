@@ -720,6 +720,14 @@ class ShardedCheckpointWriter:
             self.total_bytes += value.numel() * value.element_size()
         self.written.add(number)
 
+    def write_extra(self, name: str, data: bytes) -> None:
+        """One more file in the checkpoint folder (fsynced), e.g. calibration statistics."""
+        target = self.tmp / _checked_relative(name, "an extra file name")
+        with open(target, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
     def commit(
         self, config: Any, tokenizer: Any, generation_config: Any = None,
         manifest_name: str | None = None, manifest: bytes | None = None,

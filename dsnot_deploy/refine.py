@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .config import PruneConfig
-from .driver import DriverConfig, run_layers
+from .driver import DriverConfig, DriverResult, run_layers
 from .errors import UserInputError
 from .manifest import MANIFEST_NAME, build_manifest, dumps
 from .masks import check_shape
@@ -135,8 +135,23 @@ def refine(job: RefineJob) -> dict[str, Any]:
     )
     manifest["times"]["end_to_end_seconds"] = time.perf_counter() - t0
     save_checkpoint(model, tokenizer, job.outdir, manifest_name=MANIFEST_NAME, manifest=dumps(manifest),
-                    force=job.force)
+                    extra_files={STATS_NAME: calibration_stats_bytes(result, layers_path)}, force=job.force)
     return manifest
+
+
+STATS_NAME = "calibration_stats.safetensors"
+
+
+def calibration_stats_bytes(result: DriverResult, layers_path: str) -> bytes:
+    """Per-Linear mean of x_j^2 over the calibration tokens (safetensors, keyed by full module name).
+
+    `export` turns it into llama.cpp's importance matrix for its quantizer.
+    """
+    from safetensors.torch import save
+
+    tensors = {f"{layers_path}.{layer.index}.{name}": values.contiguous()
+               for layer in result.layers for name, values in layer.input_sq_mean.items()}
+    return save(tensors, metadata={"format": "pt", "statistic": "mean of x^2 per input column"})
 
 
 def _run_record(job: RefineJob) -> dict[str, Any]:
@@ -198,6 +213,7 @@ def refine_streaming(job: RefineJob) -> dict[str, Any]:
         s["all_parameters_zeros"], s["all_parameters_params"] = streamed.zeros, streamed.params
         s["all_parameters"] = streamed.zeros / max(streamed.params, 1)
         manifest["times"]["end_to_end_seconds"] = time.perf_counter() - t0
+        writer.write_extra(STATS_NAME, calibration_stats_bytes(streamed.driver, layers_path))
         writer.commit(skeleton.config, tokenizer, load_generation_config(directory, skeleton),
                       manifest_name=MANIFEST_NAME, manifest=dumps(manifest))
     return manifest

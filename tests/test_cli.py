@@ -58,6 +58,13 @@ def test_refine_writes_a_loadable_checkpoint_and_manifest(tiny, tmp_path: Path, 
         assert lin["zeros"] >= lin["rows"] * int(lin["cols"] * target)
     assert manifest["calibration"] == {"source": str(text), "nsamples": 4, "seqlen": 32, "seed": 0}
     assert len(manifest["linears"]) == 14 and manifest["times"]["end_to_end_seconds"] > 0
+    from safetensors.torch import load_file
+
+    stats = load_file(out / "calibration_stats.safetensors")  # llama.cpp's imatrix entries for `export`
+    assert len(stats) == 14 and all(v.ndim == 1 and bool((v >= 0).all()) and float(v.sum()) > 0 for v in stats.values())
+    layer0 = "model.layers.0.self_attn."
+    assert torch.equal(stats[layer0 + "q_proj"], stats[layer0 + "k_proj"])  # one input, one statistic
+    assert stats["model.layers.0.mlp.down_proj"].shape == (model.config.intermediate_size,)
     assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
 
