@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -100,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "is refined on its own device")
     scale.add_argument("--offload-dir", type=Path, default=None, metavar="DIR",
                        help="keep the activation buffers in memory-mapped files in DIR (disk offload)")
+    rel = p.add_argument_group("interruption and resources (docs/reliability.md)")
+    rel.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run from its last finished layer (state saved per layer in "
+                          ".OUTDIR.resume next to OUTDIR); refused if any setting differs; same result as an "
+                          "uninterrupted run")
+    rel.add_argument("--no-save-state", dest="save_state", action="store_false",
+                     help="do not save the per-layer resume state (saves one extra copy of the weights on disk)")
+    rel.add_argument("--no-memory-check", dest="memory_check", action="store_false",
+                     help="skip the check that the estimated memory (activations, statistics, one layer) fits in "
+                          "what is available before calibration")
     scale.add_argument("--dry-run", action="store_true",
                        help="print the memory needed per device and the expected time (from the config and "
                             "rates measured here), then stop without reading weights or writing anything")
@@ -117,8 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
     _add_common(e)
     for module_name in COMMAND_MODULES:
-        if importlib.util.find_spec(module_name) is not None:
-            COMMANDS.update(importlib.import_module(module_name).register(sub))
+        COMMANDS.update(importlib.import_module(module_name).register(sub))
     return parser
 
 
@@ -203,6 +211,9 @@ def _cmd_refine(args: argparse.Namespace) -> int:
         stream=args.stream,
         activations_dir=args.offload_dir,
         device_map=_device_map_arg(args.device_map),
+        resume=args.resume,
+        save_state=args.save_state,
+        memory_check=args.memory_check,
     )
     manifest = refine(job)
     s = manifest["sparsity"]
