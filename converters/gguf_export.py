@@ -277,13 +277,29 @@ def _tmp_name(out: Path, tag: str) -> Path:
     return out.with_name(f".{out.name}.{os.getpid()}.{tag}.tmp")
 
 
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete `.OUT.<pid>.<tag>.tmp` files left by exports that were killed (their pid is gone)."""
+    for path in out.parent.glob(f".{out.name}.*.tmp"):
+        parts = path.name[len(out.name) + 2:].split(".")
+        if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) == os.getpid():
+            continue
+        try:
+            os.kill(int(parts[0]), 0)
+        except ProcessLookupError:
+            logger.info("removing %s, left by a killed export", path.name)
+            path.unlink(missing_ok=True)
+        except PermissionError:
+            continue  # a live process of another user
+
+
 def _check_output(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise UserInputError(f"output {out} already exists; pass --force to replace it")
     if out.is_dir():
         raise UserInputError(f"output {out} is a directory; expected a .gguf file name")
     if not out.parent.is_dir():
-        raise UserInputError(f"output folder {out.parent} does not exist")
+        what = "is not a folder" if out.parent.exists() else "does not exist"
+        raise UserInputError(f"output folder {out.parent} {what}")
     if not os.access(out.parent, os.W_OK):
         raise UserInputError(f"output folder {out.parent} is not writable")
 
@@ -310,6 +326,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
     otype: OutputType = parse_output_type(config.qtype)
     ckpt = open_checkpoint(checkpoint)
     _check_output(out, config.force)
+    _remove_stale_temporaries(out)
     spec = find_arch(ckpt.architecture)
     cfg = ckpt.text_config
     if spec.gguf_arch == gguf.MODEL_ARCH.LLAMA and cfg.get("sliding_window"):

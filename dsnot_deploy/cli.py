@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "uninterrupted run")
     rel.add_argument("--no-save-state", dest="save_state", action="store_false",
                      help="do not save the per-layer resume state (saves one extra copy of the weights on disk)")
+    rel.add_argument("--deterministic", action="store_true",
+                     help="CUDA: deterministic kernels only (torch.use_deterministic_algorithms, fixed cuBLAS "
+                          "workspace, no TF32), for identical bits run to run; the CPU is deterministic anyway")
     rel.add_argument("--no-memory-check", dest="memory_check", action="store_false",
                      help="skip the check that the estimated memory (activations, statistics, one layer) fits in "
                           "what is available before calibration")
@@ -214,6 +217,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
         resume=args.resume,
         save_state=args.save_state,
         memory_check=args.memory_check,
+        deterministic=args.deterministic,
     )
     manifest = refine(job)
     s = manifest["sparsity"]

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -65,6 +66,30 @@ class DriverResult:
     hidden: torch.Tensor  # outputs of the last decoder layer, (nsamples, L, hidden)
     mask_seconds: float
     seconds: float
+
+
+class LayerStateStore(Protocol):
+    """Where finished layers are saved, and read back on resume (``resume.RefineState``)."""
+
+    done: int  # layers finished by an earlier, interrupted run
+
+    def save(self, index: int, tensors: dict[str, torch.Tensor], report: LayerReport) -> None: ...
+
+    def restore(self, index: int) -> tuple[dict[str, torch.Tensor], LayerReport]: ...
+
+
+def layer_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """The layer's state_dict as CPU tensors that own their memory (what a resume state saves)."""
+    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in layer.state_dict().items()}
+
+
+def propagate_restored(
+    layer: nn.Module, hidden: torch.Tensor, out: torch.Tensor, call: LayerCall, config: DriverConfig,
+    device: torch.device | str,
+) -> None:
+    """The propagate pass of a layer restored from a resume state: the same code and batch split as
+    ``process_layer``'s, so its outputs are the same bits as in the uninterrupted run."""
+    _run_layer(layer, hidden, call, config.batch_size, str(device), out)
 
 
 def linear_group(name: str) -> str:
@@ -218,11 +243,14 @@ def run_layers(
     samples: torch.Tensor,
     config: DriverConfig,
     on_layer_done: Callable[[LayerReport], None] | None = None,
+    state: LayerStateStore | None = None,
 ) -> DriverResult:
     """Prune (or just run, when config.prune is None) every decoder layer in order, in place.
 
     With `config.layers_in_place` each layer is processed on the device it lives on (several
     GPUs through accelerate's device_map); otherwise it visits `config.device` and goes back.
+    With a `state`, the first `state.done` layers take their pruned tensors and reports from it
+    and are only propagated; every layer pruned here is saved to it once finished.
     """
     t_start = time.perf_counter()
     device = config.device
@@ -255,7 +283,15 @@ def run_layers(
             home = next(layer.parameters()).device
             layer.to(layer_device)
         call = LayerCall(args=to_device(calls[i].args, layer_device), kwargs=to_device(calls[i].kwargs, layer_device))
-        report, seconds = process_layer(i, layer, hidden, out, call, config, str(layer_device), with_hessian)
+        if state is not None and i < state.done:
+            tensors, report = state.restore(i)
+            layer.load_state_dict(tensors, strict=True)
+            propagate_restored(layer, hidden, out, call, config, layer_device)
+            seconds = sum(lin.mask_seconds for lin in report.linears)
+        else:
+            report, seconds = process_layer(i, layer, hidden, out, call, config, str(layer_device), with_hessian)
+            if state is not None:
+                state.save(i, layer_tensors(layer), report)
         mask_seconds += seconds
         previous = layer_device
         hidden, out = out, hidden

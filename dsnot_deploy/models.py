@@ -195,6 +195,45 @@ def _load_failure(source: ModelSource, what: str, error: BaseException) -> UserI
     return UserInputError(f"could not load the {what} from {source.describe()}{hint}: {_one_line(error)}")
 
 
+def check_safetensors_file(path: Path) -> None:
+    """Refuse a truncated or corrupt safetensors file by its header alone (no tensor data is read).
+
+    The 8-byte header length, the JSON header and every tensor's data offsets must lie inside the
+    file; the message names the file and the sizes.
+    """
+    import json
+
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            raise UserInputError(f"expected a complete safetensors file; found {path} truncated or corrupt "
+                                 f"(header of {n} bytes, file of {size} bytes)")
+        try:
+            header = json.loads(handle.read(n))
+        except ValueError:
+            raise UserInputError(f"expected a complete safetensors file; found {path} with a corrupt JSON header") \
+                from None
+    if not isinstance(header, dict):
+        raise UserInputError(f"expected a complete safetensors file; found {path} with a corrupt JSON header")
+    data = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data):
+            raise UserInputError(f"expected a complete safetensors file; found {path} truncated: tensor {name!r} "
+                                 f"lies at bytes {offsets} of {data} bytes of data")
+
+
+def _check_safetensors_dir(directory: Path) -> None:
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        check_safetensors_file(path)
+
+
 def _load_hf_model(source: ModelSource, dtype: torch.dtype) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -208,6 +247,11 @@ def _load_hf_model(source: ModelSource, dtype: torch.dtype) -> Any:
             f"expected a checkpoint of a causal language model (loadable by AutoModelForCausalLM); "
             f"found model_type {getattr(config, 'model_type', '?')!r} ({type(config).__name__}) in {source.describe()}"
         )
+    if source.kind == "local-dir":
+        try:
+            _check_safetensors_dir(Path(source.location))
+        except UserInputError as error:
+            raise UserInputError(f"could not load the model weights from {source.describe()}: {error}") from None
     try:
         return AutoModelForCausalLM.from_pretrained(source.location, config=config, dtype=dtype)
     except Exception as error:  # noqa: BLE001
@@ -222,6 +266,13 @@ def _load_gguf_model(source: ModelSource, dtype: torch.dtype) -> Any:
     """
     from transformers import AutoModelForCausalLM, GgufConfig
 
+    try:
+        import gguf
+
+        gguf.GGUFReader(source.path)  # header and tensor table checked against the file length
+    except Exception as error:  # noqa: BLE001 - a broken file is the user's input
+        raise UserInputError(f"expected a complete GGUF file; found {source.path} truncated or corrupt "
+                             f"({_one_line(error)})") from error
     try:
         # dequantize=True: never keep weights packed (GgufLinear), whatever kernels are installed.
         loaded = AutoModelForCausalLM.from_pretrained(
@@ -491,6 +542,49 @@ def save_checkpoint(
     logger.info("saved checkpoint to %s", outdir)
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def recover_stale_temporaries(outdir: Path) -> list[Path]:
+    """Clean up after a writer of ``outdir`` that was killed (SIGKILL, power loss); return what was removed.
+
+    ``save_checkpoint`` and ``ShardedCheckpointWriter`` leave ``.OUTDIR.tmp-<pid>`` (an unfinished
+    checkpoint) and, inside the rename window of a ``--force`` replacement, ``.OUTDIR.old-<pid>``
+    (the previous checkpoint).  For every such entry whose process no longer runs: a ``.tmp-``
+    folder is deleted; an ``.old-`` folder is renamed back to OUTDIR when OUTDIR is missing (the
+    kill fell between the two renames: the previous checkpoint comes back), else deleted.
+    Entries of live processes are left alone.
+    """
+    outdir = Path(outdir).expanduser().absolute()
+    parent = outdir.parent
+    if not parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(outdir.name)}\.(tmp|old)-(\d+)$")
+    removed: list[Path] = []
+    for entry in sorted(parent.iterdir()):
+        match = pattern.match(entry.name)
+        if match is None or _pid_alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not (outdir.exists() or outdir.is_symlink()):
+            logger.warning("restoring %s from %s (left by a killed run between its two renames)", outdir, entry)
+            os.rename(entry, outdir)
+            _fsync_path(parent)
+            continue
+        logger.warning("removing %s, left by a run (pid %s) that no longer exists", entry, match.group(2))
+        _remove_tree(entry)
+        removed.append(entry)
+    return removed
+
+
 def _move_into_place(tmp: Path, outdir: Path, force: bool) -> None:
     parent = outdir.parent
     if not (outdir.exists() or outdir.is_symlink()):
@@ -568,6 +662,7 @@ class SafetensorsCheckpoint:
 
         directory = Path(directory)
         index = directory / SAFETENSORS_INDEX
+        _check_safetensors_dir(directory)
         try:
             if index.is_file():
                 weight_map = dict(json.loads(index.read_text())["weight_map"])

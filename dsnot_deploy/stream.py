@@ -31,7 +31,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import LayerCall, capture_layer_inputs, to_device
-from .driver import DriverConfig, DriverResult, LayerReport, allocate_activations, process_layer, synchronize
+from .driver import (
+    DriverConfig,
+    DriverResult,
+    LayerReport,
+    LayerStateStore,
+    allocate_activations,
+    layer_tensors,
+    process_layer,
+    propagate_restored,
+    synchronize,
+)
 from .errors import UnsupportedModelError
 from .models import SafetensorsCheckpoint, ShardedCheckpointWriter, find_decoder_layers
 
@@ -232,6 +242,14 @@ def release_host_memory() -> None:
 _MALLOC_TRIM = None
 
 
+def _check_restored(index: int, saved: dict[str, torch.Tensor], layer: nn.Module) -> None:
+    expected = {name: t.shape for name, t in layer.state_dict().items()}
+    found = {name: t.shape for name, t in saved.items()}
+    if expected != found:
+        raise ValueError(f"layer {index}: the resume state holds {sorted(found)[:4]}..., the model expects "
+                         f"{sorted(expected)[:4]}... (shapes or names differ)")
+
+
 @dataclass
 class StreamResult:
     driver: DriverResult
@@ -247,11 +265,14 @@ def stream_layers(
     writer: ShardedCheckpointWriter,
     plan: StreamPlan | None = None,
     on_layer_done: Callable[[LayerReport], None] | None = None,
+    state: LayerStateStore | None = None,
 ) -> StreamResult:
     """Prune every decoder layer of the checkpoint in order, streaming it; write every output shard.
 
     `samples` is (nsamples, L) token ids.  The result's masks and weights equal those of
     ``driver.run_layers`` on the fully loaded model (same code per layer, same arguments).
+    With a `state`, the first `state.done` layers are read from it (pruned) instead of the
+    checkpoint and only propagated; every layer pruned here is saved to it once finished.
     """
     t_start = time.perf_counter()
     plan = plan or plan_stream(skeleton, checkpoint)
@@ -281,22 +302,35 @@ def stream_layers(
     for i, layer in enumerate(layers):
         prefix = _prefix(plan.layers_path, i)
         names = plan.layer_names[i]
-        from_ckpt = [nm for nm in names if nm not in plan.from_skeleton]
-        for name, tensor in checkpoint.load(from_ckpt, device, plan.dtypes, plan.shapes).items():
-            _set_tensor(layer, name[len(prefix):], device, value=tensor)
+        restored = state is not None and i < state.done
+        if restored:
+            saved, report = state.restore(i)
+            _check_restored(i, saved, layer)
+            for name, tensor in saved.items():
+                _set_tensor(layer, name, device, value=tensor.to(device))
+        else:
+            from_ckpt = [nm for nm in names if nm not in plan.from_skeleton]
+            for name, tensor in checkpoint.load(from_ckpt, device, plan.dtypes, plan.shapes).items():
+                _set_tensor(layer, name[len(prefix):], device, value=tensor)
         for name, buffer in list(layer.named_buffers()):
             if buffer.device != device:
                 _set_tensor(layer, name, device)
         call = LayerCall(args=to_device(calls[i].args, device), kwargs=to_device(calls[i].kwargs, device))
-        report, seconds = process_layer(i, layer, hidden, out, call, config, str(device), with_hessian)
+        if restored:
+            propagate_restored(layer, hidden, out, call, config, device)
+            seconds = sum(lin.mask_seconds for lin in report.linears)
+        else:
+            report, seconds = process_layer(i, layer, hidden, out, call, config, str(device), with_hessian)
+            if state is not None:
+                state.save(i, layer_tensors(layer), report)
         mask_seconds += seconds
-        state = layer.state_dict()
-        tensors = {name: state[name[len(prefix):]] for name in names}
+        layer_state = layer.state_dict()
+        tensors = {name: layer_state[name[len(prefix):]] for name in names}
         for t in tensors.values():
             zeros += int((t == 0).sum())
             numel += t.numel()
         writer.write_shard(plan.layer_shard(i), tensors)
-        del tensors, state, call
+        del tensors, layer_state, call
         _free_to_meta(layer)
         release_host_memory()
         hidden, out = out, hidden

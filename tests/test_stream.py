@@ -17,7 +17,7 @@ from dsnot_deploy.cli import main
 from dsnot_deploy.config import Method, PruneConfig, Refinement, SparsityPattern
 from dsnot_deploy.errors import UserInputError
 from dsnot_deploy.models import build_skeleton, find_decoder_layers
-from dsnot_deploy.refine import CalibrationConfig, RefineJob, refine
+from dsnot_deploy.refine import STATS_NAME, CalibrationConfig, RefineJob, refine
 from tests.tiny_models import ARCHS, make_tiny_model, save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,9 +40,14 @@ def _job(ckpt: Path, out: Path, calib: Path, **kw) -> RefineJob:
 
 def _tensors(outdir: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    for f in sorted(outdir.glob("*.safetensors")):
+    for f in _weight_files(outdir):
         out.update(load_file(f))
     return out
+
+
+def _weight_files(outdir: Path) -> list[Path]:
+    """The checkpoint's weight files (not the calibration statistics written beside them)."""
+    return [f for f in sorted(outdir.glob("*.safetensors")) if f.name != STATS_NAME]
 
 
 def _assert_same_checkpoint(a: Path, b: Path) -> None:
@@ -70,7 +75,7 @@ def test_stream_equals_in_memory(arch: str, tmp_path: Path, calib: Path) -> None
     index = json.loads((tmp_path / "str" / "model.safetensors.index.json").read_text())
     layer_shards = {f for name, f in index["weight_map"].items() if ".layers." in name}
     assert len(layer_shards) == 2
-    assert len(set(index["weight_map"].values())) == len(list((tmp_path / "str").glob("*.safetensors")))
+    assert len(set(index["weight_map"].values())) == len(_weight_files(tmp_path / "str"))
 
 
 def test_stream_from_sharded_bf16_checkpoint_with_sparsegpt_dsnot(tmp_path: Path, calib: Path) -> None:
@@ -137,7 +142,7 @@ def test_failure_mid_stream_leaves_nothing(tmp_path: Path, calib: Path, monkeypa
 
     monkeypatch.setattr(stream, "process_layer", fail_on_second)
     with pytest.raises(RuntimeError, match="boom"):
-        refine(_job(ckpt, tmp_path / "out", calib, stream=True))
+        refine(_job(ckpt, tmp_path / "out", calib, stream=True, save_state=False))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no output, no temporary folder
 
 
