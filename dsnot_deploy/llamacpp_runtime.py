@@ -1,0 +1,446 @@
+"""llama.cpp as the on-device runtime: GGUF metadata, tokenization and per-chunk logits.
+
+Two layers:
+
+- :func:`read_gguf_info` reads a GGUF file's header with gguf-py (memory-mapped, no weights are
+  loaded): metadata, vocabulary, tensor types. :func:`check_gguf_file` refuses anything that does
+  not start with the GGUF magic.
+- :class:`GGUFModel` opens the file with llama-cpp-python and always closes it (use it as a context
+  manager). :meth:`GGUFModel.iter_chunks` runs non-overlapping chunks of a token stream and yields,
+  per chunk, the logits of the scored positions only, as llama-perplexity does: the batch requests
+  outputs only for those positions, so neither the unscored positions' logits nor the logits of
+  earlier chunks are ever held.
+
+The scored positions of both protocols (algorithms.md section 5) are those of
+``dsnot_deploy.perplexity`` (``perplexity_paper`` / ``perplexity_llamacpp``); :class:`ScoringPlan`
+states them once for the llama.cpp side and the tests check that both runtimes agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+
+# Keys whose arrays are the vocabulary itself: kept out of GGUFInfo.metadata (tens of thousands
+# of entries) and compared through GGUFInfo.tokens / vocab_fingerprint instead.
+_VOCAB_ARRAY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores",
+                     "tokenizer.ggml.merges")
+
+
+# --------------------------------------------------------------------------- GGUF header
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    """What a GGUF file says about itself (read without loading weights).
+
+    ``metadata``: every key/value except the vocabulary arrays, scalars as Python numbers/strings,
+    arrays as lists. ``tokens``: ``tokenizer.ggml.tokens``. ``vocab_fingerprint``: sha256 over the
+    tokenizer model, pre-tokenizer, tokens, token types and merges (two files tokenize identically
+    when it matches). ``tensor_types``: how many tensors have each ggml type name.
+    ``file_type``: ``general.file_type`` (a ``gguf.LlamaFileType`` value) or None when absent.
+    """
+
+    path: Path
+    architecture: str
+    file_type: int | None
+    tensor_types: dict[str, int]
+    metadata: dict[str, Any]
+    tokens: tuple[str, ...]
+    vocab_fingerprint: str
+    size_bytes: int
+
+    @property
+    def file_type_name(self) -> str:
+        """``general.file_type`` as the quantization name used by the exporter (``F16``, ``Q8_0``...).
+
+        Without ``general.file_type`` the most common type of the 2-D weight tensors is used.
+        """
+        import gguf
+
+        if self.file_type is not None:
+            try:
+                name = gguf.LlamaFileType(self.file_type).name
+            except ValueError:
+                return f"file_type_{self.file_type}"
+            return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        matrices = {k: v for k, v in self.tensor_types.items() if k not in ("F32",)}
+        pool = matrices or self.tensor_types
+        return max(sorted(pool), key=lambda k: pool[k]) if pool else "unknown"
+
+    @property
+    def block_count(self) -> int | None:
+        value = self.metadata.get(f"{self.architecture}.block_count")
+        return int(value) if value is not None else None
+
+    @property
+    def per_layer_sparsity(self) -> list[float] | None:
+        """``dsnot.sparsity.per_layer`` (one value per decoder layer) when the exporter wrote it."""
+        value = self.metadata.get("dsnot.sparsity.per_layer")
+        if value is None:
+            return None
+        return [float(v) for v in (value if isinstance(value, list) else [value])]
+
+    def dsnot_metadata(self) -> dict[str, Any]:
+        """Every ``dsnot.*`` key (what was pruned, how, and how sparse it is)."""
+        return {k: v for k, v in self.metadata.items() if k.startswith("dsnot.")}
+
+
+def check_gguf_file(path: str | os.PathLike[str], what: str = "GGUF file") -> Path:
+    """``path`` as a Path if it is a readable file starting with the GGUF magic; else UserInputError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"expected the {what} {str(path)!r}, found no such file")
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise UserInputError(f"could not read the {what} {str(path)!r}: {exc.strerror}") from None
+    if magic != GGUF_MAGIC:
+        raise UserInputError(
+            f"expected a GGUF file (starting with the bytes b'GGUF') for the {what}, found {magic!r} at the start "
+            f"of {str(path)!r}"
+        )
+    return path
+
+
+def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
+    """Read the header of a GGUF file (see :class:`GGUFInfo`); UserInputError if it is not one."""
+    import hashlib
+
+    import gguf
+
+    path = check_gguf_file(path)
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except Exception as exc:  # a corrupt header is the user's input
+        raise UserInputError(f"could not parse the GGUF file {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+    metadata: dict[str, Any] = {}
+    vocab: dict[str, Any] = {}
+    for name, fld in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        value = _field_value(fld)
+        if name in _VOCAB_ARRAY_KEYS:
+            vocab[name] = value
+        else:
+            metadata[name] = value
+    tensor_types: dict[str, int] = {}
+    for tensor in reader.tensors:
+        type_name = gguf.GGMLQuantizationType(tensor.tensor_type).name
+        tensor_types[type_name] = tensor_types.get(type_name, 0) + 1
+    tokens = tuple(vocab.get("tokenizer.ggml.tokens") or ())
+    digest = hashlib.sha256()
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre"):
+        digest.update(repr(metadata.get(key)).encode())
+    for key in _VOCAB_ARRAY_KEYS:
+        if key != "tokenizer.ggml.scores":
+            digest.update(repr(vocab.get(key)).encode())
+    file_type = metadata.get("general.file_type")
+    del reader
+    return GGUFInfo(
+        path=path,
+        architecture=str(metadata.get("general.architecture", "")),
+        file_type=int(file_type) if file_type is not None else None,
+        tensor_types=dict(sorted(tensor_types.items())),
+        metadata=metadata,
+        tokens=tokens,
+        vocab_fingerprint=digest.hexdigest(),
+        size_bytes=path.stat().st_size,
+    )
+
+
+def _field_value(fld: Any) -> Any:
+    """A GGUF field as Python: str, int/float/bool, or a list of those."""
+    import gguf
+
+    types = list(fld.types)
+    if not types:
+        return None
+    if types[0] == gguf.GGUFValueType.ARRAY:
+        inner = types[1] if len(types) > 1 else None
+        if inner == gguf.GGUFValueType.STRING:
+            return [bytes(fld.parts[i]).decode("utf-8", errors="replace") for i in fld.data]
+        return [fld.parts[i].tolist()[0] if len(fld.parts[i]) == 1 else fld.parts[i].tolist() for i in fld.data]
+    if types[0] == gguf.GGUFValueType.STRING:
+        return bytes(fld.parts[fld.data[0]]).decode("utf-8", errors="replace")
+    value = fld.parts[fld.data[0]].tolist()
+    value = value[0] if len(value) == 1 else value
+    if types[0] == gguf.GGUFValueType.BOOL:
+        return bool(value)
+    return value
+
+
+def check_same_vocabulary(a: GGUFInfo, b: GGUFInfo) -> None:
+    """UserInputError unless both files have the same tokenizer (model, pre-tokenizer, tokens, merges)."""
+    if a.vocab_fingerprint == b.vocab_fingerprint:
+        return
+    detail = f"{len(a.tokens)} vs {len(b.tokens)} tokens"
+    if len(a.tokens) == len(b.tokens):
+        diff = [i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y]
+        detail = f"{len(diff)} of {len(a.tokens)} tokens differ (first at id {diff[0]})" if diff else \
+            "same tokens but different tokenizer model, pre-tokenizer, token types or merges"
+    raise UserInputError(
+        f"expected {a.path.name} and {b.path.name} to share one vocabulary (both sides must see identical "
+        f"tokens), found {detail}"
+    )
+
+
+# --------------------------------------------------------------------------- scored positions
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """Which positions of which chunks are scored (algorithms.md section 5).
+
+    Chunk ``c`` is ``ids[c * ctx : (c + 1) * ctx]``; when ``bos_id`` is not None its first token is
+    replaced by ``bos_id`` before it is run (the llama.cpp protocol, when the vocab adds BOS). The
+    logits at positions ``first .. ctx - 2`` are scored against the tokens at ``first + 1 .. ctx - 1``
+    of the unmodified chunk. ``paper``: ``first = 0``, no replacement (``perplexity_paper``);
+    ``llamacpp``: ``first = ctx // 2`` (``perplexity_llamacpp``).
+    """
+
+    protocol: str
+    ctx: int
+    first: int
+    bos_id: int | None
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("paper", "llamacpp"):
+            raise UserInputError(f"expected a protocol in ('paper', 'llamacpp'), found {self.protocol!r}")
+        if not 0 <= self.first <= self.ctx - 2:
+            raise UserInputError(f"expected 0 <= first <= ctx - 2, found first={self.first}, ctx={self.ctx}")
+
+    @classmethod
+    def for_protocol(cls, protocol: str, ctx: int, bos_id: int | None) -> ScoringPlan:
+        """The plan of ``protocol`` for chunks of ``ctx`` tokens; ``bos_id`` is used by llamacpp only."""
+        if protocol == "llamacpp":
+            if ctx < 3:
+                raise UserInputError(f"expected ctx >= 3 for the llamacpp protocol, found {ctx}")
+            return cls(protocol, ctx, ctx // 2, bos_id)
+        if protocol == "paper":
+            if ctx < 2:
+                raise UserInputError(f"expected ctx >= 2 for the paper protocol, found {ctx}")
+            return cls(protocol, ctx, 0, None)
+        raise UserInputError(f"expected a protocol in ('paper', 'llamacpp'), found {protocol!r}")
+
+    @property
+    def scored_per_chunk(self) -> int:
+        return self.ctx - 1 - self.first
+
+    def n_chunks(self, n_tokens: int, max_chunks: int | None) -> int:
+        """Full chunks that are run; UserInputError when the text is shorter than one chunk."""
+        available = n_tokens // self.ctx
+        if available == 0:
+            raise UserInputError(
+                f"expected at least one chunk of {self.ctx} tokens, found a text of only {n_tokens} tokens; "
+                "pass a longer text or a smaller --ctx"
+            )
+        if max_chunks is not None and max_chunks < 1:
+            raise UserInputError(f"expected max_chunks >= 1, found {max_chunks}")
+        return available if max_chunks is None else min(available, max_chunks)
+
+    def chunk(self, ids: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(tokens to run (ctx,), targets of the scored positions (scored_per_chunk,))`` of chunk ``c``."""
+        tokens = np.array(ids[c * self.ctx : (c + 1) * self.ctx], dtype=np.int32)  # (ctx,) a copy
+        if tokens.shape[0] != self.ctx:
+            raise UserInputError(f"chunk {c} needs {self.ctx} tokens, found {tokens.shape[0]}")
+        targets = tokens[self.first + 1 :].copy()  # taken before any BOS replacement
+        if self.bos_id is not None:
+            tokens[0] = self.bos_id
+        return tokens, targets
+
+
+# --------------------------------------------------------------------------- the runtime
+
+
+@dataclass
+class ChunkLogits:
+    """One chunk's output. ``logits`` ``(scored_per_chunk, n_vocab)`` float32 is a read-only view of
+    llama.cpp's output buffer, valid until the next chunk of the same model is requested.
+    ``seconds``: wall time of the decode of this chunk alone."""
+
+    index: int
+    logits: np.ndarray
+    targets: np.ndarray
+    seconds: float
+
+
+@dataclass
+class GGUFModel:
+    """A GGUF opened in llama-cpp-python for chunked scoring; a context manager that always closes.
+
+    ``n_ctx`` is both the context and the batch size, so one chunk is one ``llama_decode`` call
+    (llama.cpp splits it into micro-batches of ``n_ubatch``). ``threads`` (default: all CPUs) is
+    used for batch decoding.
+    """
+
+    path: Path
+    n_ctx: int
+    threads: int | None = None
+    n_ubatch: int = 512
+    _llm: Any = field(default=None, init=False, repr=False)
+    _batch: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.path = check_gguf_file(self.path)
+        if self.n_ctx < 2:
+            raise UserInputError(f"expected n_ctx >= 2, found {self.n_ctx}")
+        if self.threads is not None and self.threads < 1:
+            raise UserInputError(f"expected threads >= 1, found {self.threads}")
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise UserInputError(
+                "expected llama-cpp-python (pinned 0.3.36) to be installed to run GGUF files, found it missing: "
+                "pip install llama-cpp-python==0.3.36"
+            ) from exc
+        threads = self.threads or os.cpu_count() or 1
+        try:
+            self._llm = Llama(
+                model_path=str(self.path),
+                n_ctx=self.n_ctx,
+                n_batch=self.n_ctx,
+                n_ubatch=min(self.n_ubatch, self.n_ctx),
+                n_threads=threads,
+                n_threads_batch=threads,
+                logits_all=False,  # outputs are requested per position in our own batch
+                verbose=False,
+            )
+        except Exception as exc:  # llama.cpp refusing a file is the user's input
+            raise UserInputError(
+                f"llama.cpp could not load {str(self.path)!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+        logger.info("llama.cpp opened %s (n_ctx %d, %d threads)", self.path.name, self.n_ctx, threads)
+
+    # -- lifetime
+    def close(self) -> None:
+        """Free the batch and the model (idempotent)."""
+        if self._batch is not None:
+            import llama_cpp
+
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+
+    def __enter__(self) -> GGUFModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open(self) -> Any:
+        if self._llm is None:
+            raise RuntimeError(f"{self.path.name} is closed")
+        return self._llm
+
+    # -- vocabulary
+    def _vocab(self) -> Any:
+        import llama_cpp
+
+        return llama_cpp.llama_model_get_vocab(self._open().model)
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self._open().n_vocab())
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether the vocabulary adds BOS when tokenizing (``tokenizer.ggml.add_bos_token``)."""
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_get_add_bos(self._vocab()))
+
+    @property
+    def bos_id(self) -> int:
+        import llama_cpp
+
+        return int(llama_cpp.llama_vocab_bos(self._vocab()))
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The metadata as llama.cpp reads it (every value as a string; arrays are omitted)."""
+        return dict(self._open().metadata)
+
+    def tokenize(self, text: str) -> np.ndarray:
+        """``text`` tokenized whole as llama-perplexity does (BOS added if the vocab adds it, special
+        tokens not parsed), as int32 ``(n,)``."""
+        ids = self._open().tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        return np.asarray(ids, dtype=np.int32)
+
+    # -- scoring
+    def iter_chunks(self, ids: np.ndarray, plan: ScoringPlan, max_chunks: int | None = None) -> Iterator[ChunkLogits]:
+        """Run the chunks of ``ids`` under ``plan`` one at a time and yield each chunk's scored logits.
+
+        Per chunk: the model's memory is cleared, the ``ctx`` tokens are decoded in one batch whose
+        output flags are set for positions ``plan.first .. ctx - 2`` only, and the logits of those
+        positions are yielded (see :class:`ChunkLogits`; the view is overwritten by the next chunk).
+        """
+        import llama_cpp
+
+        if plan.ctx != self.n_ctx:
+            raise UserInputError(f"expected chunks of the model's n_ctx {self.n_ctx}, found ctx {plan.ctx}")
+        ids = np.asarray(ids)
+        n_chunks = plan.n_chunks(int(ids.shape[0]), max_chunks)
+        if ids.size and (int(ids.max()) >= self.n_vocab or int(ids.min()) < 0):
+            raise UserInputError(f"expected token ids in [0, {self.n_vocab}), found {int(ids.min())}..{int(ids.max())}")
+        llm = self._open()
+        ctx_p = llm.ctx
+        n_vocab = self.n_vocab
+        token_view, pos_view, out_flags = self._batch_views(plan)
+        for c in range(n_chunks):
+            tokens, targets = plan.chunk(ids, c)
+            token_view[:] = tokens
+            t0 = time.perf_counter()
+            memory = llama_cpp.llama_get_memory(ctx_p)
+            if memory is not None:
+                llama_cpp.llama_memory_clear(memory, True)
+            rc = llama_cpp.llama_decode(ctx_p, self._batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc} on chunk {c} of {self.path.name}")
+            pointer = llama_cpp.llama_get_logits(ctx_p)
+            logits = np.ctypeslib.as_array(pointer, shape=(plan.scored_per_chunk, n_vocab))  # (scored, vocab)
+            logits.flags.writeable = False
+            seconds = time.perf_counter() - t0
+            yield ChunkLogits(index=c, logits=logits, targets=targets, seconds=seconds)
+        del pos_view, out_flags
+
+    def _batch_views(self, plan: ScoringPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Allocate (once) the batch of ``ctx`` tokens of sequence 0 and set positions and output flags."""
+        import llama_cpp
+
+        n = plan.ctx
+        if self._batch is None:
+            self._batch = llama_cpp.llama_batch_init(n, 0, 1)
+            for i in range(n):
+                self._batch.seq_id[i][0] = 0
+        batch = self._batch
+        batch.n_tokens = n
+        token_view = np.ctypeslib.as_array(batch.token, shape=(n,))
+        pos_view = np.ctypeslib.as_array(batch.pos, shape=(n,))
+        np.ctypeslib.as_array(batch.n_seq_id, shape=(n,))[:] = 1
+        out_flags = np.ctypeslib.as_array(batch.logits, shape=(n,))
+        pos_view[:] = np.arange(n, dtype=pos_view.dtype)
+        out_flags[:] = 0
+        out_flags[plan.first : n - 1] = 1  # outputs only where a prediction is scored
+        return token_view, pos_view, out_flags
+
+
+def open_gguf(path: str | os.PathLike[str], n_ctx: int, threads: int | None = None) -> GGUFModel:
+    """Open ``path`` for chunked scoring (use as ``with open_gguf(...) as model:``)."""
+    return GGUFModel(Path(path), n_ctx=n_ctx, threads=threads)
