@@ -51,7 +51,7 @@ def _load_state(ckpt: Path) -> dict[str, Any]:
             raise UserInputError(f"{f}: not a readable safetensors file ({exc})") from None
         dup = state.keys() & part.keys()
         if dup:
-            raise UserInputError(f"{f}: tensor {sorted(dup)[0]!r} also appears in another file")
+            raise UserInputError(f"{f}: tensor {min(dup)!r} also appears in another file")
         state.update(part)
     return state
 

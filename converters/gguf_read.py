@@ -129,7 +129,7 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> tuple[str, Any, int]:
     if vtype not in VALUE_TYPES:
         raise UserInputError(f"{cur.path}: not a valid GGUF file: metadata {key!r} has value type {vtype}, "
                              f"expected one of 0..12")
-    name, size = VALUE_TYPES[vtype]
+    name, _size = VALUE_TYPES[vtype]
     if vtype == 8:
         return name, cur.string(f"metadata {key!r}"), 1
     if vtype != 9:

@@ -50,6 +50,18 @@ class BlockLayout:
         return raw.reshape(-1, self.block_bytes)
 
 
+def interleave(*parts: np.ndarray) -> np.ndarray:
+    """Concatenate (n, k_i) uint8 arrays along axis 1 through a structured dtype: one field copy
+    per part instead of numpy's strided concatenate (2x faster on 34-byte Q8_0 rows)."""
+    n = parts[0].shape[0]
+    dt = np.dtype([(f"f{i}", f"V{p.shape[1]}") for i, p in enumerate(parts) if p.shape[1]])
+    out = np.empty(n, dtype=dt)
+    for i, p in enumerate(parts):
+        if p.shape[1]:
+            out[f"f{i}"] = np.ascontiguousarray(p, dtype=np.uint8).view(f"V{p.shape[1]}").reshape(n)
+    return out.view(np.uint8).reshape(n, dt.itemsize)
+
+
 def _float_layout(name: str, width: int) -> BlockLayout:
     dt = np.dtype(f"<u{width}")
 
@@ -67,7 +79,7 @@ def _q8_0() -> BlockLayout:
         return b[:, :2], b[:, 2:]
 
     def join(side: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        return np.concatenate([side, codes.astype(np.uint8, copy=False)], axis=1)
+        return interleave(side, codes)
 
     return BlockLayout("Q8_0", 32, 34, 2, 8, 0, split, join)
 
@@ -79,7 +91,7 @@ def _q4_0() -> BlockLayout:
 
     def join(side: np.ndarray, codes: np.ndarray) -> np.ndarray:
         qs = codes[:, :16] | (codes[:, 16:] << 4)
-        return np.concatenate([side, qs], axis=1)
+        return interleave(side, qs)
 
     return BlockLayout("Q4_0", 32, 18, 2, 4, 8, split, join)
 
@@ -94,7 +106,7 @@ def _q5_0() -> BlockLayout:
     def join(side: np.ndarray, codes: np.ndarray) -> np.ndarray:
         qh = np.packbits(codes >> 4, axis=1, bitorder="little")
         qs = (codes[:, :16] & 0x0F) | ((codes[:, 16:] & 0x0F) << 4)
-        return np.concatenate([side, qh, qs], axis=1)
+        return interleave(side, qh, qs)
 
     return BlockLayout("Q5_0", 32, 22, 2, 5, 16, split, join)
 
@@ -120,7 +132,7 @@ def _q6_k() -> BlockLayout:
         ql = (low[:, :, :64] | (low[:, :, 64:] << 4)).reshape(n, 128)
         high = (c >> 4).reshape(n, 2, 4, 32) << shifts4
         qh = np.bitwise_or.reduce(high, axis=2).reshape(n, 64)
-        return np.concatenate([ql, qh, side], axis=1)
+        return interleave(ql, qh, side)
 
     return BlockLayout("Q6_K", 256, 210, 18, 6, 32, split, join)
 
@@ -146,7 +158,7 @@ def _q3_k() -> BlockLayout:
         qs = np.bitwise_or.reduce(low, axis=2).reshape(n, 64)
         high = (codes >> 2).reshape(n, 8, 32) << shifts8
         hm = np.bitwise_or.reduce(high, axis=1).reshape(n, 32)
-        return np.concatenate([hm, qs, side], axis=1)
+        return interleave(hm, qs, side)
 
     return BlockLayout("Q3_K", 256, 110, 14, 3, 4, split, join)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -48,6 +48,11 @@ def decompress(blob: bytes, raw_len: int) -> bytes:
     if raw_len == 0 and not blob:
         return b""
     try:
+        # zstandard allocates the frame's declared content size whatever max_output_size says:
+        # check it against the record before decompressing (-1: not declared; pack always declares it)
+        declared = zstandard.frame_content_size(blob)
+        if declared != raw_len:
+            raise CorruptPack(f"a compressed stream declares {declared} bytes, its record says {raw_len}")
         out = zstandard.ZstdDecompressor().decompress(blob, max_output_size=raw_len)
     except zstandard.ZstdError as exc:
         raise CorruptPack(f"a compressed stream is corrupt ({exc})") from None
@@ -138,7 +143,7 @@ def gaps_decode_mask(stream: np.ndarray, minority_kept: bool, count: int, n: int
 
 # ---- N:M pattern codes --------------------------------------------------------------------------
 
-@lru_cache(maxsize=None)
+@cache
 def nm_tables(n: int, m: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(slots (C, M) bool of pruned slots per code, code_of (2**M,) int16 (-1 if not N bits set),
     codes per byte k)."""
@@ -155,7 +160,7 @@ def nm_tables(n: int, m: int) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def nm_supported(n: int, m: int) -> bool:
-    return 0 < n < m and m <= 8 and math.comb(m, n) <= 256
+    return 0 < n < m <= 8 and math.comb(m, n) <= 256
 
 
 def nm_min_zeros(zero: np.ndarray, row_len: int, m: int) -> int:
@@ -196,7 +201,7 @@ def nm_decode(stream: np.ndarray, n: int, m: int, n_groups: int) -> np.ndarray:
     return _nm_byte_table(n, m)[stream].reshape(-1)[: n_groups * m]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _nm_byte_table(n: int, m: int) -> np.ndarray:
     """(256, k * m) bool: the kept mask of the k groups that one packed byte describes."""
     slots, _, k = nm_tables(n, m)
