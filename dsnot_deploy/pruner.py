@@ -88,6 +88,9 @@ def prune_linear(
         result = exact_refine(dense, sparse, mask, hessian, config.pattern, config.exact)
         sparse, swaps = result.weight, result.swaps
         errors = (float(result.objective_before.sum()), float(result.objective_after.sum()))
+    # W * mask leaves -0.0 where a negative weight was pruned; store every pruned weight as +0.0 so
+    # that bit-level consumers (compact packs of F16/BF16 GGUFs, N:M detection) see one zero
+    sparse = sparse + 0.0
     _sync(dense.device)
     mask_seconds = time.perf_counter() - t0
 

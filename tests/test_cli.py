@@ -51,6 +51,7 @@ def test_refine_writes_a_loadable_checkpoint_and_manifest(tiny, tmp_path: Path, 
         if ".layers." in name and name.endswith("proj.weight"):
             zeros += int((p == 0).sum())
             total += p.numel()
+            assert not torch.signbit(p[p == 0]).any(), f"{name}: pruned weights stored as -0.0"
     assert manifest["sparsity"]["pruned_linears_zeros"] == zeros
     assert manifest["sparsity"]["pruned_linears"] == pytest.approx(zeros / total)
     target = manifest["pattern"]["target_sparsity"]
