@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from dsnot_deploy.errors import UserInputError
+
 from .gguf_read import read_gguf_layout
 from .pack_blocks import LAYOUTS
 from .pack_codecs import nm_min_zeros
@@ -57,8 +59,9 @@ def inspect_pack(path: Path) -> dict[str, Any]:
     header, descs, pack_size = read_pack_index(path)
     tensors = []
     for d in descs:
-        if d["k"] != "tensor":
+        if d.get("k") != "tensor":
             continue
+        _check_tensor_desc(d, path)
         n = math.prod(d["dims"])
         row = {"name": d["name"], "type": d["type"], "shape": list(reversed(d["dims"])), "bytes": d["len"],
                "encoding": d.get("enc"), "mask": d.get("mask"),
@@ -70,6 +73,24 @@ def inspect_pack(path: Path) -> dict[str, Any]:
     return {"kind": "pack", "path": str(path), "size": pack_size, "format_version": header.version,
             "original_size": header.original_size, "original_sha256": header.sha256,
             "records": len(descs), "breakdown": size_breakdown(descs, pack_size), "tensors": tensors}
+
+
+def _check_tensor_desc(d: dict[str, Any], path: Path) -> None:
+    """UserInputError unless the descriptor fields that inspect shows have the types it formats
+    (unpack checks what it decodes; these are informative fields a corrupt pack may garble)."""
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    ok = (isinstance(d.get("name"), str) and isinstance(d.get("type"), str)
+          and isinstance(d.get("dims"), list) and all(is_int(x) for x in d["dims"])
+          and (d.get("enc") == "raw" or (d.get("enc") == "sparse" and isinstance(d.get("mask"), str)))
+          and (d.get("mask") != "nm" or (isinstance(d.get("nm"), list) and len(d["nm"]) == 2))
+          and ("zeros" not in d or is_int(d["zeros"]))
+          and ("eb" not in d or (isinstance(d["eb"], list) and len(d["eb"]) == 2
+                                 and all(isinstance(x, (int, float)) for x in d["eb"]))))
+    if not ok:
+        raise UserInputError(f"{path}: corrupt pack: tensor record {str(d.get('name'))[:80]!r} has malformed "
+                             f"fields (name, type, dims, enc, mask, nm, zeros or eb)")
 
 
 def inspect_file(path: Path) -> dict[str, Any]:

@@ -604,8 +604,11 @@ def size_breakdown(records: list[dict[str, Any]], pack_size: int) -> dict[str, i
     for d in records:
         for name, _, stored in d["s"]:
             if name == "raw":
-                out["metadata" if d["k"] == "raw" and d["off"] == 0 else "raw"] += stored
-            else:
+                out["metadata" if d.get("k") == "raw" and d["off"] == 0 else "raw"] += stored
+            elif name in out:
                 out[name] += stored
+            else:
+                raise UserInputError(f"corrupt pack: record {str(d.get('name', d.get('k')))[:80]!r} has a stream "
+                                     f"named {name[:80]!r}")
     out["overhead"] = pack_size - sum(out.values())
     return out

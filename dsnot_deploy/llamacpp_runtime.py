@@ -123,7 +123,12 @@ def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
 
     import gguf
 
+    from converters.gguf_read import read_gguf_layout
+
     path = check_gguf_file(path)
+    # gguf-py trusts the header's counts (reads past the end give empty arrays, so a corrupt count
+    # loops and allocates without bound): validate every count and length against the file size first
+    read_gguf_layout(path)
     try:
         reader = gguf.GGUFReader(str(path), "r")
     except Exception as exc:  # a corrupt header is the user's input

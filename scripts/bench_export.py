@@ -7,6 +7,7 @@ scored) on a fixed WikiText-2 test slice.  Then the same checkpoint converted by
 and Q8_0: our time / its time, and whether the two files hold the same tensors (names, shapes,
 types) and give the same logits.
 
+    pip install -e ".[bench]"                      # sentencepiece, for llama.cpp's converter
     python scripts/bench_export.py                 # about 15-25 min on 2 cores
     python scripts/bench_export.py --types F16 Q8_0 --chunks 4
 
@@ -171,7 +172,12 @@ def main() -> None:
             ours = args.work / f"ours-{qtype}.gguf"
             if not ours.exists():
                 export(ckpt, ours, qtype)
-            their_s = run_upstream(script, ckpt, ref, outtype)
+            try:
+                their_s = run_upstream(script, ckpt, ref, outtype)
+            except subprocess.CalledProcessError as exc:
+                print(f"upstream converter failed for {qtype}:\n{exc.stderr[-2000:]}", flush=True)
+                upstream.append({"type": qtype, "error": exc.stderr[-500:]})
+                continue
             our_s = export(ckpt, ours, qtype)["wall_seconds"]
             a, b = tensor_table(ours), tensor_table(ref)
             la, lb = logits(ours, PROMPT_IDS), logits(ref, PROMPT_IDS)
@@ -210,6 +216,9 @@ def main() -> None:
                   "| type | ours (s) | upstream (s) | ours/upstream | same tensors | logits max diff | top-1 | "
                   "ppl upstream |", "|---|---|---|---|---|---|---|---|"]
         for u in upstream:
+            if "error" in u:
+                lines.append(f"| {u['type']} | converter failed: {u['error'].strip().splitlines()[-1]} |")
+                continue
             lines.append(f"| {u['type']} | {u['ours_s']:.1f} | {u['upstream_s']:.1f} | {u['ratio']:.2f} | "
                          f"{u['same_shapes_and_types']} | {u['logits_max_abs_diff']:.2e} | {u['top1_agreement']:.3f} | "
                          f"{u['ppl_upstream']:.3f} |")
