@@ -135,14 +135,14 @@ GGUF_PY_MEMORY_ERROR = (
 def test_regression_gguf_py_reader_is_not_fed_unchecked_counts(tmp_path: Path) -> None:
     import base64
 
-    import gguf
 
     from dsnot_deploy.errors import UserInputError
     from dsnot_deploy.llamacpp_runtime import read_gguf_info
 
     path = tmp_path / "m.gguf"
     path.write_bytes(zlib.decompress(base64.b64decode("".join(GGUF_PY_MEMORY_ERROR))))
-    with ft.address_space_cap(), pytest.raises(MemoryError):  # what read_gguf_info hit before the fix
-        gguf.GGUFReader(str(path), "r")
+    # Before the fix this input made gguf-py's reader (which trusts the header's counts) run until
+    # MemoryError; that upstream behaviour is not asserted here (under the cap, pytest's own handling
+    # of the MemoryError can fail too, which made such an assertion flaky).
     with ft.address_space_cap(), pytest.raises(UserInputError, match="not a valid GGUF"):
         read_gguf_info(path)
