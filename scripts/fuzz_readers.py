@@ -79,7 +79,7 @@ def main() -> int:
             t0 = time.perf_counter()
             fuzz_unpack()
             print(f"unpack target: {time.perf_counter() - t0:.0f} s")
-    print(f"\n| target | inputs tried | accepted | rejected (DsnotError) | crashed |")
+    print("\n| target | inputs tried | accepted | rejected (DsnotError) | crashed |")
     print("|---|---|---|---|---|")
     for name, c in stats.items():
         print(f"| {name} | {c['tried']} | {c['accepted']} | {c['rejected']} | {c['crashed']} |")
