@@ -20,7 +20,6 @@ import platform
 import re
 import resource
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from dsnot_deploy import __version__
+from dsnot_deploy.atomic import atomic_write_bytes, check_output_file
 from dsnot_deploy.errors import UnsupportedModelError, UserInputError
 
 from .gguf_arch import ArchSpec, find_arch, llama3_rope_factors, needs_rope_freqs
@@ -116,6 +116,10 @@ def _is_tied(ckpt: HFCheckpoint) -> bool:
     cfg = ckpt.text_config
     tie = ckpt.config.get("tie_word_embeddings", cfg.get("tie_word_embeddings", True))
     return bool(tie) or "lm_head.weight" not in ckpt.tensors
+
+
+_CARRIER_FTYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
+                   Q.BF16: gguf.LlamaFileType.MOSTLY_BF16}
 
 
 def _intermediate_type(ckpt: HFCheckpoint) -> Q:
@@ -292,31 +296,17 @@ def _remove_stale_temporaries(out: Path) -> None:
             continue  # a live process of another user
 
 
-def _check_output(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise UserInputError(f"output {out} already exists; pass --force to replace it")
-    if out.is_dir():
-        raise UserInputError(f"output {out} is a directory; expected a .gguf file name")
-    if not out.parent.is_dir():
-        what = "is not a folder" if out.parent.exists() else "does not exist"
-        raise UserInputError(f"output folder {out.parent} {what}")
-    if not os.access(out.parent, os.W_OK):
-        raise UserInputError(f"output folder {out.parent} is not writable")
-
-
-def _tensor_types(path: Path) -> dict[str, int]:
-    reader = gguf.GGUFReader(path)
+def _tensor_types(reader: gguf.GGUFReader) -> dict[str, int]:
     hist: dict[str, int] = {}
     for t in reader.tensors:
         hist[t.tensor_type.name] = hist.get(t.tensor_type.name, 0) + 1
     return hist
 
 
-def _pruned_names(path: Path) -> Iterator[str]:
-    reader = gguf.GGUFReader(path)
-    for t in reader.tensors:
-        if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2:
-            yield t.name
+def _pruned_names(reader: gguf.GGUFReader) -> list[str]:
+    """The decoder-layer weight matrices: where pruned zeros live."""
+    return [t.name for t in reader.tensors
+            if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2]
 
 
 def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = ExportConfig()) -> dict[str, Any]:
@@ -325,7 +315,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
     out = Path(out).expanduser().absolute()
     otype: OutputType = parse_output_type(config.qtype)
     ckpt = open_checkpoint(checkpoint)
-    _check_output(out, config.force)
+    check_output_file(out, config.force)
     _remove_stale_temporaries(out)
     spec = find_arch(ckpt.architecture)
     cfg = ckpt.text_config
@@ -351,10 +341,9 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
     first = _tmp_name(out, "f" if otype.via_llamacpp else "w")
     final = _tmp_name(out, "q") if otype.via_llamacpp else first
     try:
-        ftype = gguf.LlamaFileType.ALL_F32 if weight_type == Q.F32 else {
-            Q.F16: gguf.LlamaFileType.MOSTLY_F16, Q.BF16: gguf.LlamaFileType.MOSTLY_BF16}.get(weight_type, otype.ftype)
-        _write_gguf(first, ckpt, spec, plan, vocab, pre, otype.ftype if otype.direct is not None else ftype,
-                    config.progress)
+        # the file type of what is streamed: the final type, or the float carrier llama.cpp quantizes from
+        ftype = _CARRIER_FTYPES.get(weight_type, otype.ftype) if otype.via_llamacpp else otype.ftype
+        _write_gguf(first, ckpt, spec, plan, vocab, pre, ftype, config.progress)
         if otype.via_llamacpp:
             llamacpp_quantize(first, final, int(otype.ftype), imatrix=imatrix or None, overrides=otype.overrides,
                               pure=otype.pure, nthread=config.threads)
@@ -365,7 +354,11 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
         def source(name: str) -> np.ndarray:
             return _source_values(ckpt, spec, planned[name])
 
-        zeros = count_zeros(final, list(_pruned_names(final)), source)
+        reader = gguf.GGUFReader(final)
+        zeros = count_zeros(reader, _pruned_names(reader), source)
+        tensor_types = _tensor_types(reader)
+        del reader  # drop the mapping before the file is renamed
+        file_bytes, n_params = final.stat().st_size, _param_count(plan)
         probes = usable_probes(tokenizer)
         mismatches = tokenization_mismatches(final, tokenizer, probes)
         report = {
@@ -376,7 +369,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
             "architecture": {"hf": ckpt.architecture, "gguf": spec.name},
             "type": otype.name,
             "type_description": otype.description,
-            "tensor_types": _tensor_types(final),
+            "tensor_types": tensor_types,
             "fallback_tensors": [t.gguf_name for t in plan.tensors if t.fallback],
             "imatrix": {"source": imatrix_source, "entries": len(imatrix)},
             "sparse_input": sparse,
@@ -387,9 +380,9 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
                 "probe_texts": len(probes),
                 "probe_mismatches": len(mismatches),
             },
-            "file_bytes": final.stat().st_size,
-            "parameters": _param_count(plan),
-            "bits_per_weight": 8 * final.stat().st_size / max(_param_count(plan), 1),
+            "file_bytes": file_bytes,
+            "parameters": n_params,
+            "bits_per_weight": 8 * file_bytes / max(n_params, 1),
             "zeros": summarize(zeros),
             "zeros_per_tensor": [z.as_dict() for z in zeros],
             "seconds": {"write": written - start, "total": time.perf_counter() - start},
@@ -403,8 +396,6 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
         first.unlink(missing_ok=True)
         final.unlink(missing_ok=True)
         raise
-    from dsnot_deploy.atomic import atomic_write_bytes
-
     atomic_write_bytes(report_path(out), (json.dumps(report, indent=2) + "\n").encode())
     return report
 

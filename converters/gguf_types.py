@@ -13,7 +13,7 @@ it on the written file, whatever the table says.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType as F
@@ -38,7 +38,6 @@ class OutputType:
     keeps_zeros: bool = True
     pure: bool = False
     description: str = ""
-    uses_imatrix: bool = field(default=False)
 
     @property
     def via_llamacpp(self) -> bool:
@@ -52,7 +51,7 @@ def _direct(name: str, qtype: Q, ftype: F, description: str) -> OutputType:
 def _mix(name: str, ftype: F, keeps: bool, description: str, pure: bool = False,
          overrides: tuple[tuple[str, Q], ...] = ()) -> OutputType:
     return OutputType(name=name, ftype=ftype, overrides=overrides, keeps_zeros=keeps, pure=pure,
-                      description=description, uses_imatrix=True)
+                      description=description)
 
 
 # The tensors llama.cpp's own mixes treat as sensitive: attention values, FFN down projections and
@@ -92,15 +91,6 @@ OUTPUT_TYPES: dict[str, OutputType] = {t.name: t for t in (
     _mix("SPARSE_Q3", F.MOSTLY_Q3_K_M, True, "sparsity-safe ~4 bits: Q3_K, Q6_K for attn_v/ffn_down, Q8_0 "
          "embeddings/output", pure=True, overrides=_SENSITIVE),
 )}
-
-# Overrides are matched by llama.cpp in order; the preset's base type applies to all other weights.
-_BASE_OF_PURE_MIX = {F.MOSTLY_Q3_K_M: Q.Q3_K}
-
-
-def base_type_of(t: OutputType) -> Q | None:
-    """The ggml type a pure llama.cpp mix gives every tensor that no override names."""
-    return _BASE_OF_PURE_MIX.get(t.ftype)
-
 
 def parse_output_type(name: str) -> OutputType:
     """Look up a type by name (case-insensitive); the error lists every choice."""

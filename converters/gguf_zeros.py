@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,18 +32,18 @@ class ZeroCount:
 
 
 def count_zeros(
-    gguf_path: Path,
+    reader: Any,
     names: Iterable[str],
     source: Callable[[str], np.ndarray],
 ) -> list[ZeroCount]:
-    """One ZeroCount per GGUF tensor in ``names``; ``source(name)`` gives the written values' origin.
+    """One ZeroCount per tensor of ``reader`` (a ``gguf.GGUFReader`` of the written file) in ``names``;
+    ``source(name)`` gives the written values' origin.
 
     ``source`` returns the checkpoint tensor after the same rewrites as the export (permutation),
     in GGUF's row-major layout, so positions correspond one to one.
     """
     import gguf
 
-    reader = gguf.GGUFReader(gguf_path)
     by_name = {t.name: t for t in reader.tensors}
     counts = []
     for name in names:

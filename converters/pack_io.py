@@ -10,18 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from dsnot_deploy.atomic import check_output_file
 from dsnot_deploy.errors import UserInputError
-
-
-def check_output(path: Path, force: bool) -> Path:
-    """Fail before any work when `path` exists (without --force) or its folder does not."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise UserInputError(f"output {path} already exists; pass --force to replace it")
-    folder = path.absolute().parent
-    if not folder.is_dir():
-        raise UserInputError(f"output folder {folder} does not exist")
-    return folder
 
 
 @contextlib.contextmanager
@@ -30,7 +20,7 @@ def atomic_file(path: Path, force: bool) -> Iterator[BinaryIO]:
 
     On any exception the temporary file is removed and `path` is left as it was.
     """
-    folder = check_output(path, force)
+    folder = check_output_file(path, force)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
@@ -52,7 +42,7 @@ def atomic_file(path: Path, force: bool) -> Iterator[BinaryIO]:
 def atomic_dir(path: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success move it to `path` (replacing it)."""
     path = Path(path)
-    folder = check_output(path, force)
+    folder = check_output_file(path, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
     try:
         yield tmp

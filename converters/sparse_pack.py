@@ -31,6 +31,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from dsnot_deploy.atomic import check_output_file
 from dsnot_deploy.errors import UserInputError
 
 from .gguf_read import GGUFLayout, TensorInfo, read_gguf_layout
@@ -53,7 +54,7 @@ from .pack_codecs import (
     nm_supported,
     to_planes,
 )
-from .pack_io import atomic_file, check_output
+from .pack_io import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +387,7 @@ def pack_gguf(src: Path, dst: Path, *, force: bool = False, levels: PackLevels |
 
     levels = levels or PackLevels()
     layout = read_gguf_layout(src)
-    check_output(dst, force)
+    check_output_file(dst, force)
     segs = _segments(layout)
     sha = hashlib.sha256()
     records: list[dict[str, Any]] = []
@@ -540,7 +541,7 @@ def unpack(src: Path, dst: Path, *, force: bool = False, progress: bool = False)
     src = Path(src)
     if not src.is_file():
         raise UserInputError(f"expected a pack file, found no file at {src}")
-    check_output(dst, force)
+    check_output_file(dst, force)
     pack_size = src.stat().st_size
     with open(src, "rb") as fin:
         header = read_header(fin, src, pack_size)
