@@ -335,7 +335,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
     vocab = build_vocab(ckpt.root, int(cfg["vocab_size"]), tokenizer)
     pre = config.tokenizer_pre
     if pre is None and vocab.model == "gpt2":
-        pre = detect_pre(vocab, tokenizer, ckpt.root, lambda w: spec.write_hparams(w, cfg), spec.name)
+        pre = detect_pre(vocab, tokenizer, lambda w: spec.write_hparams(w, cfg), spec.name)
     imatrix, imatrix_source = _load_imatrix(config, ckpt, spec) if otype.via_llamacpp else ({}, "not used")
 
     first = _tmp_name(out, "f" if otype.via_llamacpp else "w")

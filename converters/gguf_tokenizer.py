@@ -66,6 +66,7 @@ class VocabData:
     types: list[int]
     add_space_prefix: bool | None
     special: gguf.SpecialVocab
+    pre_tokenizer: Any = None  # tokenizer.json's pre_tokenizer section, for the first guess of `detect_pre`
 
 
 def _tokenizer_json(root: Path) -> dict[str, Any]:
@@ -154,6 +155,7 @@ def build_vocab(root: Path, n_vocab: int, tokenizer: Any) -> VocabData:
         types=types,
         add_space_prefix=_has_space_prefix(tj) if spm_like else False,
         special=special,
+        pre_tokenizer=tj.get("pre_tokenizer"),
     )
 
 
@@ -170,9 +172,9 @@ def write_vocab(w: gguf.GGUFWriter, vocab: VocabData, pre: str | None) -> None:
     vocab.special.add_to_gguf(w, quiet=True)
 
 
-def _first_guess(tj: dict[str, Any]) -> tuple[str, ...]:
+def _first_guess(pre_tokenizer: Any) -> tuple[str, ...]:
     """Likely names from the pre-tokenizer's shape; every guess is still checked in llama.cpp."""
-    text = json.dumps(tj.get("pre_tokenizer"))
+    text = json.dumps(pre_tokenizer)
     guesses: list[str] = []
     if "Digits" in text and "individual_digits" in text:
         guesses += ["smollm", "starcoder", "refact"]
@@ -230,7 +232,6 @@ def tokenization_mismatches(gguf_path: Path, tokenizer: Any, texts: Sequence[str
 def detect_pre(
     vocab: VocabData,
     tokenizer: Any,
-    tj_root: Path,
     write_header: Callable[[gguf.GGUFWriter], None],
     arch_name: str,
 ) -> str | None:
@@ -240,10 +241,9 @@ def detect_pre(
     loads only the vocabulary).  SentencePiece-style vocabularies have no pre-tokenizer: None,
     after checking that they agree too.
     """
-    tj = _tokenizer_json(tj_root)
     candidates: list[str | None] = [None] if vocab.model == "llama" else []
     if vocab.model == "gpt2":
-        for name in (*_first_guess(tj), *PRE_CANDIDATES):
+        for name in (*_first_guess(vocab.pre_tokenizer), *PRE_CANDIDATES):
             if name not in candidates:
                 candidates.append(name)
     with tempfile.TemporaryDirectory(prefix="dsnot-vocab-") as tmp:

@@ -449,3 +449,16 @@ class GGUFModel:
 def open_gguf(path: str | os.PathLike[str], n_ctx: int, threads: int | None = None) -> GGUFModel:
     """Open ``path`` for chunked scoring (use as ``with open_gguf(...) as model:``)."""
     return GGUFModel(Path(path), n_ctx=n_ctx, threads=threads)
+
+
+def logits_fn(llm: Any) -> Any:
+    """An open ``llama_cpp.Llama`` (``logits_all=True``) as a ``perplexity.py`` model: ids (1, n) -> logits
+    (1, n, vocab), float32, every position kept.  Each call resets the context and evaluates the ids."""
+    import torch
+
+    def run(ids: Any) -> Any:
+        llm.reset()
+        llm.eval(ids.reshape(-1).tolist())
+        return torch.from_numpy(np.array(llm.scores[: ids.numel()], dtype=np.float32)).unsqueeze(0)
+
+    return run

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from converters.gguf_export import report_path  # noqa: E402
 from converters.llamacpp_log import route_llamacpp_logs  # noqa: E402
+from dsnot_deploy.llamacpp_runtime import logits_fn  # noqa: E402
 from dsnot_deploy.perplexity import perplexity_llamacpp  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -72,12 +73,7 @@ def llamacpp_ppl(path: Path, ids: torch.Tensor, n_ctx: int, chunks: int, bos: in
     route_llamacpp_logs()
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False)
     try:
-        def run(chunk: torch.Tensor) -> torch.Tensor:
-            llm.reset()
-            llm.eval(chunk.reshape(-1).tolist())
-            return torch.from_numpy(np.array(llm.scores[: chunk.numel()], dtype=np.float32)).unsqueeze(0)
-
-        result = perplexity_llamacpp(run, ids, n_ctx, bos, max_chunks=chunks, progress=False)
+        result = perplexity_llamacpp(logits_fn(llm), ids, n_ctx, bos, max_chunks=chunks, progress=False)
         return result.ppl, result.tokens_per_second
     finally:
         llm.close()

