@@ -29,7 +29,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from dsnot_deploy import __version__
-from dsnot_deploy.atomic import atomic_write_bytes, check_output_file
+from dsnot_deploy.atomic import atomic_write_bytes, check_output_file, remove_stale_temporaries, temporary_path
 from dsnot_deploy.errors import UnsupportedModelError, UserInputError
 
 from .gguf_arch import ArchSpec, find_arch, llama3_rope_factors, needs_rope_freqs
@@ -277,25 +277,6 @@ def _load_imatrix(config: ExportConfig, ckpt: HFCheckpoint, spec: ArchSpec) -> t
     return data, str(path)
 
 
-def _tmp_name(out: Path, tag: str) -> Path:
-    return out.with_name(f".{out.name}.{os.getpid()}.{tag}.tmp")
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """Delete `.OUT.<pid>.<tag>.tmp` files left by exports that were killed (their pid is gone)."""
-    for path in out.parent.glob(f".{out.name}.*.tmp"):
-        parts = path.name[len(out.name) + 2:].split(".")
-        if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) == os.getpid():
-            continue
-        try:
-            os.kill(int(parts[0]), 0)
-        except ProcessLookupError:
-            logger.info("removing %s, left by a killed export", path.name)
-            path.unlink(missing_ok=True)
-        except PermissionError:
-            continue  # a live process of another user
-
-
 def _tensor_types(reader: gguf.GGUFReader) -> dict[str, int]:
     hist: dict[str, int] = {}
     for t in reader.tensors:
@@ -316,7 +297,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
     otype: OutputType = parse_output_type(config.qtype)
     ckpt = open_checkpoint(checkpoint)
     check_output_file(out, config.force)
-    _remove_stale_temporaries(out)
+    remove_stale_temporaries(out)
     spec = find_arch(ckpt.architecture)
     cfg = ckpt.text_config
     if spec.gguf_arch == gguf.MODEL_ARCH.LLAMA and cfg.get("sliding_window"):
@@ -338,8 +319,8 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
         pre = detect_pre(vocab, tokenizer, lambda w: spec.write_hparams(w, cfg), spec.name)
     imatrix, imatrix_source = _load_imatrix(config, ckpt, spec) if otype.via_llamacpp else ({}, "not used")
 
-    first = _tmp_name(out, "f" if otype.via_llamacpp else "w")
-    final = _tmp_name(out, "q") if otype.via_llamacpp else first
+    first = temporary_path(out, "f" if otype.via_llamacpp else "w")
+    final = temporary_path(out, "q") if otype.via_llamacpp else first
     try:
         # the file type of what is streamed: the final type, or the float carrier llama.cpp quantizes from
         ftype = _CARRIER_FTYPES.get(weight_type, otype.ftype) if otype.via_llamacpp else otype.ftype

@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from dsnot_deploy.atomic import check_output_file
+from dsnot_deploy.atomic import check_output_file, create_temporary, remove_stale_temporaries, temporary_path
 from dsnot_deploy.errors import UserInputError
 
 
@@ -20,11 +19,9 @@ def atomic_file(path: Path, force: bool) -> Iterator[BinaryIO]:
 
     On any exception the temporary file is removed and `path` is left as it was.
     """
-    folder = check_output_file(path, force)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise UserInputError(f"cannot write in {folder}: {exc.strerror}") from None
+    check_output_file(path, force)
+    remove_stale_temporaries(path)  # a killed earlier writer's
+    fd, tmp = create_temporary(path)
     try:
         with os.fdopen(fd, "w+b") as fh:
             yield fh
@@ -42,8 +39,13 @@ def atomic_file(path: Path, force: bool) -> Iterator[BinaryIO]:
 def atomic_dir(path: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success move it to `path` (replacing it)."""
     path = Path(path)
-    folder = check_output_file(path, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    check_output_file(path, force)
+    remove_stale_temporaries(path)  # a killed earlier writer's
+    tmp = temporary_path(path, "d")
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise UserInputError(f"cannot write in {tmp.parent}: {exc.strerror}") from None
     try:
         yield tmp
         for f in tmp.iterdir():
@@ -51,7 +53,8 @@ def atomic_dir(path: Path, force: bool) -> Iterator[Path]:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=folder))
+            old = temporary_path(path, "old")
+            old.mkdir()
             os.replace(path, old / "x")
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

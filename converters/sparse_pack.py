@@ -24,6 +24,7 @@ import logging
 import struct
 import zlib
 from collections.abc import Callable
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,6 +71,7 @@ FLOAT_TYPES = {"F32": 4, "F16": 2, "BF16": 2}
 NM_GROUPS = (4, 8)
 SCATTER_CHUNK = 1 << 20  # weights per step of the vectorised scatter/histograms (bounds temporaries)
 PROBE_LEVEL = 3  # zstd level at which the candidates of a tensor are compared
+DECODE_WORKERS = 2  # records decoded in parallel by unpack (the main thread hashes and writes)
 GAPS_MAX_MINORITY = 0.25  # gap coding is tried when zeros or non-zeros are at most this fraction
 
 
@@ -167,15 +169,26 @@ def _values_entropy(lay: BlockLayout, values: np.ndarray) -> float:
 
 
 def mask_bound_bits(zero: np.ndarray, row_len: int) -> float:
-    """Entropy bound of a tensor's zero positions, in bits: the smaller of n * H(zero fraction) and,
-    when every group of M (4 or 8) along rows holds at least N zeros, groups * H(pattern codes)."""
+    """0th-order entropy bound, in bits, of where a tensor's zeros are: the smallest of n * H(zero
+    fraction) and, for M in (4, 8) dividing the row length, the empirical entropy of the M-bit
+    symbols that say which weights of each group of M consecutive weights are zero.  The group
+    symbols see an N:M structure (a 2:4 mask costs at most log2(6) bits per group) together with
+    any extra zeros quantization added, which the pattern codes alone do not describe."""
     n = zero.size
     bound = binary_entropy_bits(int(zero.sum()), n)
     for m in NM_GROUPS:
-        nmin = nm_min_zeros(zero, row_len, m)
-        if nmin >= 1 and nm_supported(nmin, m) and n % m == 0:
-            bound = min(bound, _symbol_entropy(nm_codes(zero, nmin, m)))
+        if n and row_len % m == 0 and n % m == 0:
+            bound = min(bound, _symbol_entropy(group_symbols(zero, m)))
     return bound
+
+
+def group_symbols(zero: np.ndarray, m: int) -> np.ndarray:
+    """The zero flags of every group of m (<= 8) consecutive weights as one integer (bit j = weight j)."""
+    out = np.zeros(zero.size // m, np.int64)
+    for a in range(0, out.size, SCATTER_CHUNK):
+        g = zero[a * m:(a + SCATTER_CHUNK) * m].reshape(-1, m)
+        out[a:a + g.shape[0]] = np.packbits(g, axis=1, bitorder="little")[:, 0]
+    return out
 
 
 def _stored(rec: Record) -> int:
@@ -217,7 +230,7 @@ def encode_tensor(info: TensorInfo, data: bytes, levels: PackLevels) -> Record:
         if len(compress(g_stream, levels.mask)) < len(compress(bm_stream, levels.mask)):
             mask_choice = ("gaps", g_stream, {"mk": minority_kept, "mc": count})
     candidates.append((lambda lv, mc=mask_choice: _sparse_record(base, lay, side, flat, kept, mc[0], mc[1], mc[2], lv),
-                       binary_entropy_bits(n_zero, n), kept))
+                       mask_bound_bits(zero, info.dims[0]), kept))
     for m in NM_GROUPS:
         nmin = nm_min_zeros(zero, info.dims[0], m)
         if nmin >= 1 and nm_supported(nmin, m) and n % m == 0:
@@ -231,7 +244,7 @@ def encode_tensor(info: TensorInfo, data: bytes, levels: PackLevels) -> Record:
     for size, i in probed:
         if size >= _stored(raw_probe):
             break
-        build, _, kept_c = candidates[i]
+        build, bound, kept_c = candidates[i]
         rec = build(levels)
         try:
             ok = same_bytes(decode_record_bytes(rec.desc, rec.payloads), data)
@@ -240,7 +253,7 @@ def encode_tensor(info: TensorInfo, data: bytes, levels: PackLevels) -> Record:
         if not ok:  # cannot happen by construction; never ship what does not round-trip
             log.warning("tensor %s: sparse encoding does not round-trip; stored raw", info.name)
             continue
-        rec.desc["eb"] = [round(min(c[1] for c in candidates), 1), round(_values_entropy(lay, flat[kept_c]), 1)]
+        rec.desc["eb"] = [round(bound, 1), round(_values_entropy(lay, flat[kept_c]), 1)]
         rec.desc["zeros"] = n_zero
         return rec
     rec = raw_probe if asdict(probe) == asdict(levels) else raw_record(levels)
@@ -548,19 +561,19 @@ def unpack(src: Path, dst: Path, *, force: bool = False, progress: bool = False)
         sha = hashlib.sha256()
         with atomic_file(dst, force) as out, tqdm(total=header.original_size, unit="B", unit_scale=True,
                                                   desc="unpack", disable=not progress) as bar, \
-                ThreadPoolExecutor(max_workers=1) as pool:
-            # two-stage pipeline: record i+1 decodes in a worker while record i is hashed and written
-            # (numpy, zstd, hashlib and file writes release the GIL); at most two records in memory
-            pending = None
+                ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
+            # pipeline: up to DECODE_WORKERS records decode in worker threads while the oldest one is
+            # hashed and written here (numpy, zstd, hashlib and file writes release the GIL); at most
+            # DECODE_WORKERS + 1 records are in memory at once
+            pending: deque[Future] = deque()
             for desc, payloads in iter_records(fin, src, pack_size, header):
                 if desc.get("k") == "end":
                     break
-                nxt = pool.submit(decode_record, desc, payloads)
-                if pending is not None:
-                    _emit(pending, out, sha, bar, src)
-                pending = nxt
-            if pending is not None:
-                _emit(pending, out, sha, bar, src)
+                pending.append(pool.submit(decode_record, desc, payloads))
+                if len(pending) > DECODE_WORKERS:
+                    _emit(pending.popleft(), out, sha, bar, src)
+            while pending:
+                _emit(pending.popleft(), out, sha, bar, src)
             if sha.hexdigest() != header.sha256:
                 raise UserInputError(f"{src}: corrupt pack: sha256 of the restored file {sha.hexdigest()[:16]}... "
                                      f"differs from the original's {header.sha256[:16]}...")

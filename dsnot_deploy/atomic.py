@@ -1,12 +1,21 @@
-"""Atomic file output: write to a temporary name in the same folder, fsync, rename."""
+"""Atomic file output: write to a temporary name in the same folder, fsync, rename.
+
+Temporaries are named `.OUT.<pid>.<tag>.tmp` beside the output OUT, so that the next run writing
+OUT can tell the leftovers of a killed writer (its pid is gone) from those of a running one and
+remove them (`remove_stale_temporaries`).
+"""
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
-import tempfile
+import shutil
 from pathlib import Path
 
 from .errors import UserInputError
+
+logger = logging.getLogger(__name__)
 
 
 def check_output_file(path: Path, force: bool) -> Path:
@@ -29,14 +38,68 @@ def check_output_file(path: Path, force: bool) -> Path:
     return folder
 
 
+_SERIAL = itertools.count()
+
+
+def temporary_path(out: Path, tag: str = "") -> Path:
+    """`.OUT.<pid>.<tag>.tmp` beside `out`; without `tag`, a serial number unique in this process."""
+    tag = tag or f"t{next(_SERIAL)}"
+    if not tag.isalnum():
+        raise ValueError(f"temporary tag must be alphanumeric, found {tag!r}")
+    out = Path(out)
+    return out.with_name(f".{out.name}.{os.getpid()}.{tag}.tmp")
+
+
+def _writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # a live process of another user
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete the temporaries (files or folders) of `out` whose writer process no longer exists."""
+    out = Path(out)
+    removed = []
+    for path in out.parent.glob(f".{glob_escape(out.name)}.*.tmp"):
+        parts = path.name[len(out.name) + 2:].split(".")
+        if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) == os.getpid() or _writer_alive(int(parts[0])):
+            continue
+        logger.info("removing %s, left by a killed run", path.name)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """`name` with glob metacharacters escaped."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def create_temporary(out: Path) -> tuple[int, Path]:
+    """Create and open a new temporary file for `out` (exclusive); returns (fd, path)."""
+    while True:
+        tmp = temporary_path(out)
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), tmp
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UserInputError(f"cannot write in {tmp.parent}: {exc.strerror}") from None
+
+
 def atomic_write_bytes(path: Path, data: bytes, force: bool = True) -> None:
     """Write `data` to `path` so that readers see either the old file or the complete new one."""
     path = Path(path)
-    folder = check_output_file(path, force)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise UserInputError(f"cannot write in {folder}: {exc.strerror}") from None
+    check_output_file(path, force)
+    remove_stale_temporaries(path)
+    fd, tmp = create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

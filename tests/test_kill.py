@@ -203,12 +203,30 @@ def test_pack_killed_mid_write_keeps_the_previous_file(gguf_file: Path, tmp_path
 
 
 @pytest.mark.skipif(not HAS_PACK, reason="pack owner: dsnot_deploy/cmd_pack.py does not exist yet")
-@pytest.mark.xfail(strict=True, reason="converters/pack_io.py (pack owner) names temporaries without the "
-                                       "writer's pid (mkstemp), so a rerun cannot tell a killed pack's from a "
-                                       "running one's and leaves them")
 def test_pack_rerun_removes_a_killed_packs_temporary(gguf_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.pack"
     proc = _start("converters.sparse_pack", "encode_tensor", 0.5, ["pack", str(gguf_file), str(out), "--fast", "-q"])
     _kill_when(proc, lambda: bool(_temporaries(tmp_path)))
     assert main(["pack", str(gguf_file), str(out), "--fast", "-q"]) == 0
     assert _temporaries(tmp_path) == []
+
+
+def test_stale_temporaries_of_dead_writers_go_live_ones_stay(tmp_path: Path) -> None:
+    from dsnot_deploy.atomic import atomic_write_bytes, remove_stale_temporaries, temporary_path
+
+    out = tmp_path / "a[1].bin"  # glob metacharacters in the name
+    dead = _dead_pid()
+    dead_file = tmp_path / f".a[1].bin.{dead}.t0.tmp"
+    dead_dir = tmp_path / f".a[1].bin.{dead}.d.tmp"
+    live = tmp_path / f".a[1].bin.{os.getppid()}.t0.tmp"
+    other = tmp_path / f".b.bin.{dead}.t0.tmp"  # another output's
+    for p in (dead_file, live, other):
+        p.write_bytes(b"x")
+    dead_dir.mkdir()
+    (dead_dir / "f").write_bytes(b"x")
+    assert temporary_path(out, "q").name == f".a[1].bin.{os.getpid()}.q.tmp"
+    assert sorted(remove_stale_temporaries(out)) == sorted([dead_file, dead_dir])
+    assert live.exists() and other.exists() and not dead_file.exists() and not dead_dir.exists()
+    dead_file.write_bytes(b"x")
+    atomic_write_bytes(out, b"new")  # every atomic writer cleans up first
+    assert out.read_bytes() == b"new" and not dead_file.exists() and live.exists()

@@ -138,6 +138,41 @@ def test_mask_cost_is_within_5_percent_of_the_entropy_bound() -> None:
     assert len(C.compress(stream, 3)) * 8 <= 1.05 * bound
 
 
+def test_mask_bound_sees_group_structure_and_extra_zeros() -> None:
+    from converters.sparse_pack import mask_bound_bits
+
+    rng = np.random.default_rng(6)
+    iid = rng.random(1 << 18) < 0.3
+    assert mask_bound_bits(iid, 1024) == pytest.approx(C.binary_entropy_bits(int(iid.sum()), iid.size), rel=2e-3)
+    zero = F.n_m(rng, 256, 1024, 2, 4).reshape(-1) == 0
+    groups = zero.size // 4
+    assert mask_bound_bits(zero, 1024) == pytest.approx(C.entropy_bits(C.nm_codes(zero, 2, 4)), rel=1e-3)
+    assert mask_bound_bits(zero, 1024) <= groups * np.log2(6) < C.binary_entropy_bits(int(zero.sum()), zero.size)
+    extra = zero | (rng.random(zero.size) < 0.02)  # quantization adds zeros in kept slots
+    pattern_only = C.entropy_bits(C.nm_codes(extra, 2, 4))
+    full = mask_bound_bits(extra, 1024)
+    assert pattern_only < full < C.binary_entropy_bits(int(extra.sum()), extra.size)
+    # a bitmask under zstd reaches the group-symbol bound within 5%, which the pattern codes alone
+    # (which leave the extra zeros to the values) would understate
+    assert len(C.compress(C.bitmask_encode(~extra), 3)) * 8 <= 1.05 * full
+    assert mask_bound_bits(zero, 6) == C.binary_entropy_bits(int(zero.sum()), zero.size)  # rows of 6: no groups
+
+
+def test_record_bound_matches_the_encoding_written() -> None:
+    from converters.gguf_read import TensorInfo
+    from converters.sparse_pack import PackLevels, encode_tensor, mask_bound_bits
+
+    rng = np.random.default_rng(7)
+    for kind, w in (("u", F.unstructured(rng, 64, 512, 0.6)), ("2:4", F.n_m(rng, 64, 512, 2, 4))):
+        data = np.ascontiguousarray(F.encode(rng, w, "Q8_0")).tobytes()
+        info = TensorInfo("t", (512, 64), int(gguf.GGMLQuantizationType.Q8_0), "Q8_0", 0, 0, len(data))
+        rec = encode_tensor(info, data, PackLevels(values=3, side=3, meta=3))
+        zero = LAYOUTS["Q8_0"].split(np.frombuffer(data, np.uint8).reshape(-1, 34))[1].reshape(-1) == 0
+        expected = (C.entropy_bits(C.nm_codes(zero, *rec.desc["nm"])) if rec.desc["mask"] == "nm"
+                    else mask_bound_bits(zero, 512))
+        assert rec.desc["eb"][0] == pytest.approx(expected, abs=0.1), kind
+
+
 # ---- round trips ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
