@@ -77,18 +77,10 @@ def _add_refine_options(p: argparse.ArgumentParser) -> None:
                    help="also collect H to report the true output error of every method (costs time)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="dsnot-deploy", description="Make a decoder LLM sparse without training and ship it.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    p = sub.add_parser("refine", help="prune a model layer by layer and save a sparse checkpoint",
-                       description="Prune every Linear of the decoder layers (magnitude/Wanda/SparseGPT), "
-                                   "refine the masks (exact or DSnoT), save a HF checkpoint + sparsity.json.")
-    p.add_argument("model", help="HF model id, local checkpoint dir, .gguf file, or alias smollm2-135m")
-    p.add_argument("outdir", type=Path, help="output checkpoint directory (created atomically)")
-    p.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
-    _add_refine_options(p)
+def add_scale_options(p: argparse.ArgumentParser, outdir: str) -> argparse._ArgumentGroup:
+    """--stream, --device-map, --offload-dir, --resume, --no-save-state, --deterministic and
+    --no-memory-check (shared by refine and refine-and-export); returns the "scale" group.
+    `outdir` names the checkpoint folder in the help text."""
     scale = p.add_argument_group("scale (docs/scale.md)")
     scale.add_argument("--stream", action="store_true",
                        help="read, refine and write one decoder layer at a time from the safetensors shards "
@@ -101,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the activation buffers in memory-mapped files in DIR (disk offload)")
     rel = p.add_argument_group("interruption and resources (docs/reliability.md)")
     rel.add_argument("--resume", action="store_true",
-                     help="continue an interrupted run from its last finished layer (state saved per layer in "
-                          ".OUTDIR.resume next to OUTDIR); refused if any setting differs; same result as an "
+                     help=f"continue an interrupted run from its last finished layer (state saved per layer in "
+                          f".{outdir}.resume next to {outdir}); refused if any setting differs; same result as an "
                           "uninterrupted run")
     rel.add_argument("--no-save-state", dest="save_state", action="store_false",
                      help="do not save the per-layer resume state (saves one extra copy of the weights on disk)")
@@ -112,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("--no-memory-check", dest="memory_check", action="store_false",
                      help="skip the check that the estimated memory (activations, statistics, one layer) fits in "
                           "what is available before calibration")
+    return scale
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="dsnot-deploy", description="Make a decoder LLM sparse without training and ship it.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("refine", help="prune a model layer by layer and save a sparse checkpoint",
+                       description="Prune every Linear of the decoder layers (magnitude/Wanda/SparseGPT), "
+                                   "refine the masks (exact or DSnoT), save a HF checkpoint + sparsity.json.")
+    p.add_argument("model", help="HF model id, local checkpoint dir, .gguf file, or alias smollm2-135m")
+    p.add_argument("outdir", type=Path, help="output checkpoint directory (created atomically)")
+    p.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
+    _add_refine_options(p)
+    scale = add_scale_options(p, "OUTDIR")
     scale.add_argument("--dry-run", action="store_true",
                        help="print the memory needed per device and the expected time (from the config and "
                             "rates measured here), then stop without reading weights or writing anything")

@@ -105,11 +105,13 @@ def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     r.add_argument("--allow-zero-loss", action="store_true",
                    help="export even when the type loses pruned zeros (e.g. Q4_1, Q4_K)")
     r.add_argument("--force", action="store_true", help="replace OUT.gguf, its reports and --keep-checkpoint DIR")
-    from .cli import (
-        _add_refine_options,  # lazily: cli imports this module while building its parser
+    from .cli import (  # lazily: cli imports this module while building its parser
+        _add_refine_options,
+        add_scale_options,
     )
 
     _add_refine_options(r)
+    add_scale_options(r, "DIR")
     r.set_defaults(nsamples=None, seqlen=None)  # filled in by _cmd_refine_and_export (reduced with no MODEL)
     r.add_argument("--device", default="cpu", help="where layers are refined: cpu, cuda, cuda:1 (default cpu)")
     r.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
@@ -208,6 +210,7 @@ def _cmd_refine_and_export(args: argparse.Namespace) -> int:
         check_output_dir(args.keep_checkpoint, args.force)
     gate = _gate(args)
     prune = _prune_config(args)
+    scale = _scale_options(args)
     if embedded:
         print(f"no MODEL given: using the embedded default {model} with offline text; reduced size: calibration "
               f"{nsamples} x {seqlen} tokens of {args.calib}, evaluation {max_chunks} chunks of {ctx} tokens "
@@ -232,7 +235,7 @@ def _cmd_refine_and_export(args: argparse.Namespace) -> int:
             model=model, outdir=checkpoint, prune=prune,
             calibration=CalibrationConfig(args.calib, nsamples, seqlen, args.seed), dtype=args.dtype,
             device=args.device, batch_size=args.batch_size, offload_activations=args.offload_activations,
-            measure_error=args.measure_error, force=args.force, progress=not args.quiet, **_scale_options(args),
+            measure_error=args.measure_error, force=args.force, progress=not args.quiet, **scale,
         ))
         sp = manifest["sparsity"]
         steps.append(("refine", f"{manifest['method']}+{manifest['refinement']}, sparsity {sp['pruned_linears']:.4f} of "
@@ -288,18 +291,18 @@ def _check_type_keeps_zeros(qtype: str, allow_zero_loss: bool) -> None:
 
 
 def _scale_options(args: argparse.Namespace) -> dict[str, Any]:
-    """RefineJob's scale options (--stream, --offload-dir, --device-map) when the shared refine options
-    carry them; only the ones set, so a RefineJob without those fields still works."""
-    out: dict[str, Any] = {}
-    if getattr(args, "stream", False):
-        out["stream"] = True
-    if getattr(args, "offload_dir", None) is not None:
-        out["activations_dir"] = args.offload_dir
-    if getattr(args, "device_map", None) is not None:
-        from .cli import _device_map_arg
+    """RefineJob's scale and reliability options from the shared command-line options.
 
-        out["device_map"] = _device_map_arg(args.device_map)
-    return out
+    --resume needs --keep-checkpoint DIR (the state lives beside DIR); without DIR the checkpoint is
+    temporary, so no per-layer state is saved."""
+    from .cli import _device_map_arg
+
+    if args.resume and args.keep_checkpoint is None:
+        raise UserInputError("expected --keep-checkpoint DIR with --resume (the state of the interrupted run lives "
+                             "beside DIR); found no --keep-checkpoint")
+    return {"stream": args.stream, "activations_dir": args.offload_dir, "device_map": _device_map_arg(args.device_map),
+            "resume": args.resume, "save_state": args.save_state and args.keep_checkpoint is not None,
+            "memory_check": args.memory_check, "deterministic": args.deterministic}
 
 
 def _export_summary(report: Any) -> Any:

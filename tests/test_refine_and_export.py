@@ -95,7 +95,33 @@ def test_no_validate_writes_only_the_gguf(tiny, tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "cache").exists()  # no dense export either
 
 
-@pytest.mark.parametrize("case", ["suffix", "exists", "keep-exists", "bad-gate", "bad-type", "zero-loss"])
+def test_stream_gives_the_same_gguf_as_in_memory(tiny, tmp_path: Path) -> None:
+    ckpt, text = tiny
+    outs = []
+    for name, extra in (("mem", []), ("stream", ["--stream", "--deterministic", "--no-memory-check"])):
+        out = tmp_path / f"{name}.gguf"
+        assert main(_args(ckpt, text, out, tmp_path / "cache", "--no-validate", "--refine", "none", *extra)) == 0
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+
+
+def test_resume_and_state_reach_the_refine_job(tiny, tmp_path: Path, monkeypatch) -> None:
+    from dsnot_deploy import refine as refine_module
+
+    jobs = []
+    real = refine_module.refine
+    monkeypatch.setattr(refine_module, "refine", lambda job: jobs.append(job) or real(job))
+    ckpt, text = tiny
+    keep = tmp_path / "keep"
+    args = _args(ckpt, text, tmp_path / "m.gguf", tmp_path / "cache", "--no-validate", "--refine", "none")
+    assert main([*args, "--keep-checkpoint", str(keep), "--resume"]) == 0  # nothing to resume: a full run
+    assert (keep / "sparsity.json").is_file() and not (tmp_path / ".keep.resume").exists()
+    assert main([*args[:2], str(tmp_path / "n.gguf"), *args[3:]]) == 0
+    assert [(j.resume, j.save_state) for j in jobs] == [(True, True), (False, False)]  # no state for a temporary
+
+
+@pytest.mark.parametrize("case", ["suffix", "exists", "keep-exists", "bad-gate", "bad-type", "zero-loss",
+                                  "resume-no-keep"])
 def test_bad_inputs_exit_2_before_any_work(tiny, tmp_path: Path, capsys, case: str) -> None:
     ckpt, text = tiny
     out = tmp_path / "m.gguf"
@@ -113,6 +139,8 @@ def test_bad_inputs_exit_2_before_any_work(tiny, tmp_path: Path, capsys, case: s
         extra = ["--type", "Q9_9"]
     elif case == "zero-loss":
         extra = ["--type", "Q4_1"]  # has a block offset: pruned zeros would not survive
+    elif case == "resume-no-keep":
+        extra = ["--resume"]  # the state of a temporary checkpoint cannot be found again
     assert main(_args(ckpt, text, out, tmp_path / "cache", *extra)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error:" in err
