@@ -6,8 +6,10 @@ compressed-tensors <= 0.14 loads these (0.15.0 removed them). For a weight `P.we
   [rows, cols / 2] for sparse-24-bitmask (exactly two per group of four);
 - `P.bitmask`: uint8 [rows, ceil(cols / 8)], `np.packbits(kept, axis=-1, bitorder="little")`;
 - `P.row_offsets` (sparse-bitmask only): int64 [rows], exclusive prefix sum of kept per row.
-config.json gets `quantization_config = {"quant_method": "compressed-tensors", "format": FORMAT,
-"sparsity_config": {...}}`. Other tensors are stored as they are.
+config.json gets `quantization_config = {"quant_method": "compressed-tensors", "version": "0.14.0",
+"sparsity_config": {"format": FORMAT, ...}}`, what compressed-tensors' `ModelCompressor.update_config`
+writes for a sparse-only model (any other top-level key would be taken for a quantization scheme
+and refused on load). Other tensors are stored as they are.
 
 "Kept" is every weight whose bit pattern is not all zeros, so -0.0 is stored as a value and the
 round trip is bit-exact. In 2:4 groups with fewer than two non-zeros, the first zero slots fill
@@ -194,7 +196,6 @@ def pack_bitmask_checkpoint(ckpt: Path, outdir: Path, *, structure: str = "spars
                              f"{', or not 2:4' if structure == 'sparse-24-bitmask' else ''}); nothing to compress")
     config["quantization_config"] = {
         "quant_method": "compressed-tensors",
-        "format": structure,
         "version": "0.14.0",
         "sparsity_config": {
             "format": structure,
