@@ -88,18 +88,22 @@ def file_sha256(path: Path) -> str:
 
 
 def time_unpack(pk: Path, work: Path, gguf_path: Path) -> dict:
-    """Best of three unpacks (wall and process CPU seconds); compares the restored file with the GGUF."""
+    """Best of three unpacks to a new file (wall and process CPU seconds); compares the restored file
+    with the GGUF.  The previous run's output is deleted before each timed run, as a user unpacks to a
+    path that does not exist yet."""
     restored = work / "restored.gguf"
     wall, cpu = [], []
+    load = os.getloadavg()[0]
     for _ in range(3):
+        restored.unlink(missing_ok=True)
         t0, c0 = time.perf_counter(), time.process_time()
-        unpack(pk, restored, force=True)
+        unpack(pk, restored)
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     same = file_sha256(restored) == file_sha256(gguf_path)
     restored.unlink()
     return {"unpack_seconds": min(wall), "unpack_seconds_all": wall, "unpack_cpu_seconds": min(cpu),
-            "byte_identical": same, "unpack_load_average_1min": os.getloadavg()[0]}
+            "byte_identical": same, "unpack_load_average_1min": load}
 
 
 CTX_SCALE, CTX_COLUMN, CTX_ROW = 16, 16, 8  # buckets per context variable of the context-modelling bound
@@ -313,7 +317,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         "second of the process (user + system, all its threads: load-independent; the unpacker decodes two "
         "records in worker threads while the main thread hashes and writes the oldest, so it can use every core "
         "this machine has: 2). Unpack writes the file (fsync included) and checks CRC-32s and the sha256. `load` is "
-        "the 1-minute load average when the row was measured."),
+        "the 1-minute load average just before the unpacks were timed."),
         "",
         head,
         "|" + "|".join("---" for _ in range(15)) + "|",
@@ -328,7 +332,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
             f"| {r['values_bytes'] / max(r['values_entropy_bytes'], 1):.4f} | {_ctx_ratio(r)} "
             f"| {r['gguf_bytes'] / MB / r['pack_seconds']:.1f} ({r['gguf_bytes'] / MB / r['pack_cpu_seconds']:.1f}) "
             f"| {r['gguf_bytes'] / MB / r['unpack_seconds']:.1f} ({r['gguf_bytes'] / MB / r['unpack_cpu_seconds']:.1f}) "
-            f"| {r['load_average_1min']:.1f} |")
+            f"| {r.get('unpack_load_average_1min', r['load_average_1min']):.1f} |")
     lines += ["", "Size breakdown of each pack (MB):", "",
               "| sparsity | type | metadata | raw tensors | scales | mask | values | overhead | encodings |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -362,8 +366,9 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
                  f"{'met' if worst_mask <= 1.05 else 'NOT met'}")
     slowest = min(r["gguf_bytes"] / MB / r["unpack_seconds"] for r in rows)
     slowest_cpu = min(r["gguf_bytes"] / MB / r["unpack_cpu_seconds"] for r in rows)
-    lines.append(f"- unpack >= 200 MB/s: slowest {slowest:.1f} MB/s wall-clock ({'met' if slowest >= 200 else 'NOT met'}), "
-                 f"{slowest_cpu:.1f} MB per CPU second ({'met' if slowest_cpu >= 200 else 'NOT met'})")
+    lines.append(f"- unpack >= 200 MB/s on this machine (wall clock, 2 cores): slowest {slowest:.1f} MB/s -> "
+                 f"{'met' if slowest >= 200 else 'NOT met'}. Per CPU second (what one core would give) the slowest "
+                 f"row is {slowest_cpu:.1f} MB/s{'' if slowest_cpu >= 200 else ': a single-core device would be below 200'}.")
     if not all(r["byte_identical"] for r in rows):
         lines.append("- WARNING: a restored GGUF differs from its input")
     return "\n".join(lines)
