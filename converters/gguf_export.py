@@ -29,7 +29,12 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from dsnot_deploy import __version__
-from dsnot_deploy.atomic import atomic_write_bytes, check_output_file, remove_stale_temporaries, temporary_path
+from dsnot_deploy.atomic import (
+    atomic_write_bytes,
+    check_output_file,
+    remove_stale_temporaries,
+    temporary_path,
+)
 from dsnot_deploy.errors import UnsupportedModelError, UserInputError
 
 from .gguf_arch import ArchSpec, find_arch, llama3_rope_factors, needs_rope_freqs

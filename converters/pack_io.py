@@ -9,7 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from dsnot_deploy.atomic import check_output_file, create_temporary, remove_stale_temporaries, temporary_path
+from dsnot_deploy.atomic import (
+    check_output_file,
+    create_temporary,
+    remove_stale_temporaries,
+    temporary_path,
+)
 from dsnot_deploy.errors import UserInputError
 
 

@@ -14,7 +14,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .cli_common import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, Parser, add_logging_options
+from .cli_common import (
+    EXIT_BAD_INPUT,
+    EXIT_FAIL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    Parser,
+    add_logging_options,
+)
 from .errors import DsnotError
 
 log = logging.getLogger("dsnot_deploy")
@@ -302,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dsnot-deploy {args.command}: interrupted; no output was written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - last resort: one line unless --debug
+    except Exception as exc:  # last resort: one line unless --debug
         if args.debug:
             raise
         print(f"dsnot-deploy {args.command}: internal error: {type(exc).__name__}: {exc} "

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 ct = pytest.importorskip("compressed_tensors")
 
-from dsnot_deploy.cli import main  # noqa: E402
-from tests.test_bitmask_checkpoint import _sparse_checkpoint  # noqa: E402
+from dsnot_deploy.cli import main
+from tests.test_bitmask_checkpoint import _sparse_checkpoint
 
 CASES = [("sparse-bitmask", "0.6"), ("sparse-24-bitmask", "2:4")]
 

@@ -212,7 +212,11 @@ def test_pack_rerun_removes_a_killed_packs_temporary(gguf_file: Path, tmp_path: 
 
 
 def test_stale_temporaries_of_dead_writers_go_live_ones_stay(tmp_path: Path) -> None:
-    from dsnot_deploy.atomic import atomic_write_bytes, remove_stale_temporaries, temporary_path
+    from dsnot_deploy.atomic import (
+        atomic_write_bytes,
+        remove_stale_temporaries,
+        temporary_path,
+    )
 
     out = tmp_path / "a[1].bin"  # glob metacharacters in the name
     dead = _dead_pid()
