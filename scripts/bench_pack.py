@@ -360,7 +360,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
             f"{r['mask_bound_bytes'] * 8 / r['weights_sparse']:.3f} bits per weight. zstd -19 on the GGUF bytes already "
             "codes the zero code in about one bit (its Huffman literal coder sees half the bytes are 0x00), so "
             "coding positions and values apart gains only what zstd loses to its byte-wise modelling; the context "
-            "bound above says what conditioning on scale, column and row could add.")
+            "bound above says what conditioning on scale, column and row could add. The test model's weights "
+            "sit on a Q4_1 lattice (it ships as Q4_1); docs/bench_pack_lattice.md measures the pack off it.")
     worst_mask = max(r["mask_bytes"] / max(r["mask_bound_bytes"], 1) for r in rows)
     lines.append(f"- mask within 5% of its entropy bound: worst {worst_mask:.4f}x -> "
                  f"{'met' if worst_mask <= 1.05 else 'NOT met'}")
