@@ -7,6 +7,7 @@ remove them (`remove_stale_temporaries`).
 
 from __future__ import annotations
 
+import glob
 import itertools
 import logging
 import os
@@ -50,13 +51,16 @@ def temporary_path(out: Path, tag: str = "") -> Path:
     return out.with_name(f".{out.name}.{os.getpid()}.{tag}.tmp")
 
 
-def _writer_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (this process counts as alive; so does one of another user)."""
+    if pid == os.getpid():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True  # a live process of another user
+    except PermissionError:  # alive, owned by someone else
+        return True
     return True
 
 
@@ -64,9 +68,9 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     """Delete the temporaries (files or folders) of `out` whose writer process no longer exists."""
     out = Path(out)
     removed = []
-    for path in out.parent.glob(f".{glob_escape(out.name)}.*.tmp"):
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
         parts = path.name[len(out.name) + 2:].split(".")
-        if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) == os.getpid() or _writer_alive(int(parts[0])):
+        if len(parts) != 3 or not parts[0].isdigit() or pid_alive(int(parts[0])):
             continue
         logger.info("removing %s, left by a killed run", path.name)
         if path.is_dir() and not path.is_symlink():
@@ -75,11 +79,6 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
             path.unlink(missing_ok=True)
         removed.append(path)
     return removed
-
-
-def glob_escape(name: str) -> str:
-    """`name` with glob metacharacters escaped."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def create_temporary(out: Path) -> tuple[int, Path]:

@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .cli_common import (
@@ -112,6 +113,13 @@ def add_scale_options(p: argparse.ArgumentParser, outdir: str) -> argparse._Argu
                      help="skip the check that the estimated memory (activations, statistics, one layer) fits in "
                           "what is available before calibration")
     return scale
+
+
+def scale_job_options(args: argparse.Namespace) -> dict[str, Any]:
+    """RefineJob's fields for the options `add_scale_options` adds."""
+    return {"stream": args.stream, "activations_dir": args.offload_dir, "device_map": _device_map_arg(args.device_map),
+            "resume": args.resume, "save_state": args.save_state, "memory_check": args.memory_check,
+            "deterministic": args.deterministic}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,13 +234,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
         measure_error=args.measure_error,
         force=args.force,
         progress=not args.quiet,
-        stream=args.stream,
-        activations_dir=args.offload_dir,
-        device_map=_device_map_arg(args.device_map),
-        resume=args.resume,
-        save_state=args.save_state,
-        memory_check=args.memory_check,
-        deterministic=args.deterministic,
+        **scale_job_options(args),
     )
     manifest = refine(job)
     s = manifest["sparsity"]

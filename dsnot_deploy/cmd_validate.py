@@ -295,14 +295,14 @@ def _scale_options(args: argparse.Namespace) -> dict[str, Any]:
 
     --resume needs --keep-checkpoint DIR (the state lives beside DIR); without DIR the checkpoint is
     temporary, so no per-layer state is saved."""
-    from .cli import _device_map_arg
+    from .cli import scale_job_options
 
     if args.resume and args.keep_checkpoint is None:
         raise UserInputError("expected --keep-checkpoint DIR with --resume (the state of the interrupted run lives "
                              "beside DIR); found no --keep-checkpoint")
-    return {"stream": args.stream, "activations_dir": args.offload_dir, "device_map": _device_map_arg(args.device_map),
-            "resume": args.resume, "save_state": args.save_state and args.keep_checkpoint is not None,
-            "memory_check": args.memory_check, "deterministic": args.deterministic}
+    options = scale_job_options(args)
+    options["save_state"] = args.save_state and args.keep_checkpoint is not None
+    return options
 
 
 def _export_summary(report: Any) -> Any:

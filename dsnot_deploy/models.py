@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsnot_deploy.atomic import pid_alive
 from dsnot_deploy.errors import UnsupportedModelError, UserInputError
 
 logger = logging.getLogger(__name__)
@@ -542,18 +543,6 @@ def save_checkpoint(
     logger.info("saved checkpoint to %s", outdir)
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
 def recover_stale_temporaries(outdir: Path) -> list[Path]:
     """Clean up after a writer of ``outdir`` that was killed (SIGKILL, power loss); return what was removed.
 
@@ -572,7 +561,7 @@ def recover_stale_temporaries(outdir: Path) -> list[Path]:
     removed: list[Path] = []
     for entry in sorted(parent.iterdir()):
         match = pattern.match(entry.name)
-        if match is None or _pid_alive(int(match.group(2))):
+        if match is None or pid_alive(int(match.group(2))):
             continue
         if match.group(1) == "old" and not (outdir.exists() or outdir.is_symlink()):
             logger.warning("restoring %s from %s (left by a killed run between its two renames)", outdir, entry)

@@ -177,7 +177,7 @@ def context_bound(gguf_path: Path, records: list[dict]) -> dict | None:
                    + _buckets(kept.mean(axis=0), CTX_COLUMN)[None, :]) * CTX_ROW + _buckets(row_med[:, 0], CTX_ROW)[:, None]
             sym = codes[kept].astype(np.int64)
             values_ctx += min(stored["values"], _cond_entropy_bits(ctx[kept], sym))
-            values_h0 += _cond_entropy_bits(np.zeros_like(sym), sym)
+            values_h0 += C.entropy_bits(sym)
     return {"mask_stored_bytes": mask_stored / 8, "mask_ctx_bytes": mask_ctx / 8,
             "values_stored_bytes": values_stored / 8, "values_ctx_bytes": values_ctx / 8,
             "values_h0_bytes": values_h0 / 8}
