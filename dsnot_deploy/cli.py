@@ -307,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             log.exception("failed")
         print(f"dsnot-deploy {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return int(getattr(exc, "exit_code", EXIT_BAD_INPUT))
     except KeyboardInterrupt:
         print(f"dsnot-deploy {args.command}: interrupted; no output was written", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -306,29 +306,12 @@ class GGUFModel:
             raise UserInputError(f"expected n_ctx >= 2, found {self.n_ctx}")
         if self.threads is not None and self.threads < 1:
             raise UserInputError(f"expected threads >= 1, found {self.threads}")
-        try:
-            from llama_cpp import Llama
-        except ImportError as exc:
-            raise UserInputError(
-                "expected llama-cpp-python (pinned 0.3.36) to be installed to run GGUF files, found it missing: "
-                "pip install llama-cpp-python==0.3.36"
-            ) from exc
+        from .llamacpp_loader import open_llama
+
         threads = self.threads or os.cpu_count() or 1
-        try:
-            self._llm = Llama(
-                model_path=str(self.path),
-                n_ctx=self.n_ctx,
-                n_batch=self.n_ctx,
-                n_ubatch=min(self.n_ubatch, self.n_ctx),
-                n_threads=threads,
-                n_threads_batch=threads,
-                logits_all=False,  # outputs are requested per position in our own batch
-                verbose=False,
-            )
-        except Exception as exc:  # llama.cpp refusing a file is the user's input
-            raise UserInputError(
-                f"llama.cpp could not load {str(self.path)!r}: {type(exc).__name__}: {exc}"
-            ) from exc
+        # logits_all=False: outputs are requested per position in our own batch
+        self._llm = open_llama(self.path, n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ubatch,
+                               n_threads=threads, logits_all=False)
         logger.info("llama.cpp opened %s (n_ctx %d, %d threads)", self.path.name, self.n_ctx, threads)
 
     # -- lifetime

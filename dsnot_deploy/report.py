@@ -95,6 +95,7 @@ def build_report(result: Any, context: dict[str, Any], settings: dict[str, Any],
         },
         "files": files,
         "versions": versions(),
+        "llamacpp_runtime": context.get("runtime"),
         "seconds_total": context["seconds_total"],
     }
     if extra:

@@ -377,17 +377,68 @@ def export_qtype(sparse: Path, info: Any) -> str:
 # --------------------------------------------------------------------------- the job
 
 
+@dataclass(frozen=True)
+class _ChildJob:
+    """What the llama.cpp child of :func:`run_validation` needs (picklable)."""
+
+    sparse: str
+    sparse_qtype: str
+    dense: str
+    dense_qtype: str
+    text: str
+    protocol: str
+    ctx: int
+    max_chunks: int | None
+    threads: int | None
+
+
+def _score_in_child(reporter: Any, job: _ChildJob) -> None:
+    """Runs in the llama.cpp child (``llamacpp_child.run_isolated``): both models on the same chunks.
+
+    Sends ``("plan", ids, plan, n_chunks)`` once, then per chunk ``("chunk", ChunkComparison,
+    dense decode s, sparse decode s, metric s)``; announces every load and decode as a phase so that a
+    crash names the file it happened in.
+    """
+    from .llamacpp_runtime import GGUFModel, ScoringPlan
+
+    reporter.phase("loading", job.sparse, job.sparse_qtype)
+    with GGUFModel(Path(job.sparse), job.ctx, job.threads) as sparse:
+        reporter.phase("loading", job.dense, job.dense_qtype)
+        with GGUFModel(Path(job.dense), job.ctx, job.threads) as dense:
+            if sparse.n_vocab != dense.n_vocab:
+                raise UserInputError(f"expected the same vocabulary size, found {dense.n_vocab} (dense) vs "
+                                     f"{sparse.n_vocab} (sparse)")
+            reporter.phase("tokenizing with", job.sparse, job.sparse_qtype)
+            ids = sparse.tokenize(job.text)
+            bos = sparse.bos_id if (job.protocol == "llamacpp" and sparse.adds_bos) else None
+            plan = ScoringPlan.for_protocol(job.protocol, job.ctx, bos)
+            n_chunks = plan.n_chunks(int(ids.shape[0]), job.max_chunks)
+            reporter.send("plan", ids, plan, n_chunks)
+            dense_chunks = dense.iter_chunks(ids, plan, n_chunks)
+            sparse_chunks = sparse.iter_chunks(ids, plan, n_chunks)
+            for _ in range(n_chunks):
+                reporter.phase("decoding", job.dense, job.dense_qtype)
+                out_d = next(dense_chunks)
+                reporter.phase("decoding", job.sparse, job.sparse_qtype)
+                out_s = next(sparse_chunks)
+                t0 = time.perf_counter()
+                cmp = compare_logits(out_d.logits, out_s.logits, out_d.targets)
+                reporter.send("chunk", cmp, out_d.seconds, out_s.seconds, time.perf_counter() - t0)
+
+
 def run_validation(config: ValidateConfig) -> tuple[ValidationResult, dict[str, Any]]:
     """Run the comparison; return the result and the context for the report (files, GGUF infos,
-    how the dense side was obtained, the text)."""
+    how the dense side was obtained, the text).
+
+    llama.cpp runs in a child process (:mod:`dsnot_deploy.llamacpp_child`): a native crash there
+    raises ``LlamaCppCrash`` (one line naming the file, its type and the llama.cpp version) before
+    anything is reported.
+    """
     from tqdm.auto import tqdm
 
-    from .llamacpp_runtime import (
-        GGUFModel,
-        ScoringPlan,
-        check_same_vocabulary,
-        read_gguf_info,
-    )
+    from .llamacpp_child import run_isolated
+    from .llamacpp_loader import describe_runtime
+    from .llamacpp_runtime import check_same_vocabulary, read_gguf_info
     from .textdata import load_text_source
 
     sparse_info = read_gguf_info(config.sparse)  # bad input first: not a file, not a GGUF
@@ -399,38 +450,48 @@ def run_validation(config: ValidateConfig) -> tuple[ValidationResult, dict[str, 
     text = text_source.eval_text(config.protocol)
 
     t_start = time.perf_counter()
-    with GGUFModel(sparse_info.path, config.ctx, config.threads) as sparse, \
-            GGUFModel(dense_path, config.ctx, config.threads) as dense:
-        if sparse.n_vocab != dense.n_vocab:
-            raise UserInputError(f"expected the same vocabulary size, found {dense.n_vocab} (dense) vs "
-                                 f"{sparse.n_vocab} (sparse)")
-        ids = sparse.tokenize(text)
-        bos = sparse.bos_id if (config.protocol == "llamacpp" and sparse.adds_bos) else None
-        plan = ScoringPlan.for_protocol(config.protocol, config.ctx, bos)
-        n_chunks = plan.n_chunks(int(ids.shape[0]), config.max_chunks)
-        logger.info("validate (%s): %d chunks of %d tokens (%d in the text), %d scored per chunk",
-                    config.protocol, n_chunks, config.ctx, ids.shape[0], plan.scored_per_chunk)
-        nll_d = nll_s = 0.0
-        chunk_d: list[float] = []
-        chunk_s: list[float] = []
-        kld_chunks: list[np.ndarray] = []
-        top1_chunks: list[int] = []
-        t_decode_d = t_decode_s = t_metric = 0.0
-        t_loop = time.perf_counter()
-        pairs = zip(dense.iter_chunks(ids, plan, n_chunks), sparse.iter_chunks(ids, plan, n_chunks))
-        for out_d, out_s in tqdm(pairs, total=n_chunks, desc="validate", disable=not config.progress):
-            t0 = time.perf_counter()
-            cmp = compare_logits(out_d.logits, out_s.logits, out_d.targets)
-            t_metric += time.perf_counter() - t0
-            t_decode_d += out_d.seconds
-            t_decode_s += out_s.seconds
-            nll_d += cmp.nll_dense
-            nll_s += cmp.nll_sparse
-            chunk_d.append(math.exp(cmp.nll_dense / plan.scored_per_chunk))
-            chunk_s.append(math.exp(cmp.nll_sparse / plan.scored_per_chunk))
-            kld_chunks.append(cmp.kld)
-            top1_chunks.append(cmp.top1_matches)
-        loop_seconds = time.perf_counter() - t_loop
+    job = _ChildJob(sparse=str(sparse_info.path), sparse_qtype=sparse_info.file_type_name, dense=str(dense_path),
+                    dense_qtype=dense_info.file_type_name, text=text, protocol=config.protocol, ctx=config.ctx,
+                    max_chunks=config.max_chunks, threads=config.threads)
+    state: dict[str, Any] = {"chunks": []}
+    bar: list[Any] = []
+
+    def receive(message: tuple[Any, ...]) -> None:
+        if message[0] == "plan":
+            _, state["ids"], state["plan"], state["n_chunks"] = message
+            plan = state["plan"]
+            logger.info("validate (%s): %d chunks of %d tokens (%d in the text), %d scored per chunk",
+                        config.protocol, state["n_chunks"], config.ctx, state["ids"].shape[0], plan.scored_per_chunk)
+            bar.append(tqdm(total=state["n_chunks"], desc="validate", disable=not config.progress))
+            state["t_loop"] = time.perf_counter()
+        elif message[0] == "chunk":
+            state["chunks"].append(message[1:])
+            bar[0].update(1)
+
+    try:
+        run_isolated(_score_in_child, job, on_message=receive)
+    finally:
+        for b in bar:
+            b.close()
+    loop_seconds = time.perf_counter() - state.get("t_loop", t_start)
+    ids, plan, n_chunks = state["ids"], state["plan"], state["n_chunks"]
+    bos = plan.bos_id
+    nll_d = nll_s = 0.0
+    chunk_d: list[float] = []
+    chunk_s: list[float] = []
+    kld_chunks: list[np.ndarray] = []
+    top1_chunks: list[int] = []
+    t_decode_d = t_decode_s = t_metric = 0.0
+    for cmp, seconds_d, seconds_s, seconds_metric in state["chunks"]:
+        t_metric += seconds_metric
+        t_decode_d += seconds_d
+        t_decode_s += seconds_s
+        nll_d += cmp.nll_dense
+        nll_s += cmp.nll_sparse
+        chunk_d.append(math.exp(cmp.nll_dense / plan.scored_per_chunk))
+        chunk_s.append(math.exp(cmp.nll_sparse / plan.scored_per_chunk))
+        kld_chunks.append(cmp.kld)
+        top1_chunks.append(cmp.top1_matches)
     n_scored = n_chunks * plan.scored_per_chunk
     fed = n_chunks * config.ctx
     dense_side = SideResult(str(dense_path), math.exp(nll_d / n_scored), nll_d, n_scored, tuple(chunk_d),
@@ -472,6 +533,7 @@ def run_validation(config: ValidateConfig) -> tuple[ValidationResult, dict[str, 
         "text_name": text_source.name,
         "text_chars": len(text),
         "seconds_total": time.perf_counter() - t_start,
+        "runtime": describe_runtime(),
     }
     logger.info("validate: dense ppl %.4f, sparse ppl %.4f, KLD %.5f, top-1 %.4f",
                 dense_side.ppl, sparse_side.ppl, result.kld_mean, result.top1)
