@@ -19,6 +19,8 @@ keeps the first candidate that agrees on every string.
 
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import logging
 import re
@@ -202,21 +204,17 @@ def usable_probes(tokenizer: Any, texts: Sequence[str] = PROBE_TEXTS) -> list[st
 def tokenization_mismatches(gguf_path: Path, tokenizer: Any, texts: Sequence[str] | None = None) -> list[str]:
     """The probe texts that llama.cpp (vocab only) tokenizes differently from the HF tokenizer."""
     from dsnot_deploy.errors import DsnotError
+    from dsnot_deploy.llamacpp_loader import open_llama
 
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        raise DsnotError(f"llama-cpp-python is needed to check tokenization: {exc}") from None
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise DsnotError("llama-cpp-python is needed to check tokenization: it is not installed")
     texts = usable_probes(tokenizer) if texts is None else texts
     if len(texts) < 3:
         raise UnsupportedModelError(
             f"the tokenizer covers only {len(texts)} of the probe texts without <unk>: cannot check llama.cpp's "
             "tokenization against it"
         )
-    from .llamacpp_log import route_llamacpp_logs
-
-    route_llamacpp_logs()
-    llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    llm = open_llama(gguf_path, n_ctx=512, vocab_only=True)  # no weights: the vocabulary alone
     try:
         bad = []
         for text in texts:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import multiprocessing
 import os
 import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +65,17 @@ class ChildReporter:
         self._conn.send((kind, *payload))
 
 
-def _child_main(conn: Any, target: Callable[..., Any], args: tuple[Any, ...], log_level: int) -> None:
+def _child_main() -> None:
+    """Entry point of the child (``python -c``): the socket's fd is argv[1]; the first message is the job."""
+    from multiprocessing.connection import Connection
+
+    conn = Connection(int(sys.argv[1]))
+    try:
+        target, args, log_level = conn.recv()
+    except Exception as exc:  # noqa: BLE001 - an unimportable target is reported like any failure
+        conn.send(("error", type(exc).__name__, f"could not receive the job: {exc}"))
+        conn.close()
+        return
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("dsnot_deploy").setLevel(log_level)
     logging.getLogger("converters").setLevel(log_level)
@@ -104,26 +116,35 @@ def crash_message(exitcode: int, phase: Phase | None) -> str:
 
 def run_isolated(target: Callable[..., Any], *args: Any,
                  on_message: Callable[[tuple[Any, ...]], None] | None = None) -> Any:
-    """``target(reporter, *args)`` in a spawned child; its return value, or the error it raised.
+    """``target(reporter, *args)`` in a child Python process; its return value, or the error it raised.
 
-    ``target`` must be a module-level function and its arguments picklable. Messages the child sends
-    with ``reporter.send(kind, ...)`` reach ``on_message((kind, ...))`` as they arrive. A child that dies
-    (signal, abort, ``os._exit``) raises :class:`LlamaCppCrash` with the last announced phase.
+    ``target`` must be a module-level function of an importable module and its arguments picklable.
+    The child is a fresh interpreter (``python -c``) with the parent's ``sys.path``, talking over a
+    socket pair: unlike multiprocessing's spawn it never re-runs the caller's ``__main__``, so scripts
+    need no entry-point guard. Messages the child sends with ``reporter.send(kind, ...)`` reach
+    ``on_message((kind, ...))`` as they arrive. A child that dies (signal, abort, ``os._exit``) raises
+    :class:`LlamaCppCrash` with the last announced phase.
     """
-    context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    level = logging.getLogger("dsnot_deploy").getEffectiveLevel()
-    process = context.Process(target=_child_main, args=(sender, target, args, level), daemon=True,
-                              name="dsnot-llamacpp")
-    process.start()
-    sender.close()  # only the child writes: EOF on the receiver means the child is gone
+    from multiprocessing.connection import Connection
+
+    ours, theirs = socket.socketpair()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    command = [sys.executable, "-c", "from dsnot_deploy.llamacpp_child import _child_main; _child_main()",
+               str(theirs.fileno())]
+    try:
+        process = subprocess.Popen(command, pass_fds=(theirs.fileno(),), env=env)
+    finally:
+        theirs.close()  # only the child holds its end: EOF on ours means the child is gone
+    conn = Connection(ours.detach())
     phase: Phase | None = None
     outcome: tuple[Any, ...] | None = None
     try:
+        conn.send((target, args, logging.getLogger("dsnot_deploy").getEffectiveLevel()))
         while outcome is None:
             try:
-                message = receiver.recv()
-            except EOFError:
+                message = conn.recv()
+            except (EOFError, ConnectionResetError):
                 break
             kind = message[0]
             if kind == "phase":
@@ -132,14 +153,14 @@ def run_isolated(target: Callable[..., Any], *args: Any,
                 outcome = message
             elif on_message is not None:
                 on_message(message)
-        process.join()
+        returncode = process.wait()
     finally:
-        if process.is_alive():
-            process.terminate()
-            process.join()
-        receiver.close()
-    if outcome is None or (process.exitcode not in (0, None) and outcome[0] != "error"):
-        raise LlamaCppCrash(crash_message(process.exitcode if process.exitcode is not None else -1, phase))
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        conn.close()
+    if outcome is None or (returncode != 0 and outcome[0] != "error"):
+        raise LlamaCppCrash(crash_message(returncode, phase))
     if outcome[0] == "result":
         return outcome[1]
     _, name, text = outcome

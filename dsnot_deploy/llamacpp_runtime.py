@@ -429,11 +429,6 @@ class GGUFModel:
         return token_view, pos_view, out_flags
 
 
-def open_gguf(path: str | os.PathLike[str], n_ctx: int, threads: int | None = None) -> GGUFModel:
-    """Open ``path`` for chunked scoring (use as ``with open_gguf(...) as model:``)."""
-    return GGUFModel(Path(path), n_ctx=n_ctx, threads=threads)
-
-
 def logits_fn(llm: Any) -> Any:
     """An open ``llama_cpp.Llama`` (``logits_all=True``) as a ``perplexity.py`` model: ids (1, n) -> logits
     (1, n, vocab), float32, every position kept.  Each call resets the context and evaluates the ids."""
@@ -445,3 +440,30 @@ def logits_fn(llm: Any) -> Any:
         return torch.from_numpy(np.array(llm.scores[: ids.numel()], dtype=np.float32)).unsqueeze(0)
 
     return run
+
+
+def _logits_in_child(reporter: Any, path: str, qtype: str, ids: list[int], n_ctx: int, threads: int | None,
+                     extra_buffers: Any) -> np.ndarray:
+    from .llamacpp_loader import open_llama
+
+    reporter.phase("loading", path, qtype)
+    llm = open_llama(path, n_ctx=n_ctx, n_threads=threads, logits_all=True, extra_buffers=extra_buffers)
+    try:
+        reporter.phase("decoding", path, qtype)
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def isolated_logits(path: str | os.PathLike[str], ids: list[int] | np.ndarray, n_ctx: int | None = None,
+                    threads: int | None = None, extra_buffers: Any = None) -> np.ndarray:
+    """The logits ``(len(ids), n_vocab)`` float32 of one evaluation of ``ids`` from an empty context,
+    computed in a llama.cpp child process (``llamacpp_child``): a native crash raises ``LlamaCppCrash``
+    instead of ending the caller. ``extra_buffers``: an ``llamacpp_loader.ExtraBuffers`` (default: the policy)."""
+    from .llamacpp_child import run_isolated
+
+    info = read_gguf_info(path)
+    ids = [int(i) for i in ids]
+    n_ctx = n_ctx or max(len(ids), 8)
+    return run_isolated(_logits_in_child, str(info.path), info.file_type_name, ids, n_ctx, threads, extra_buffers)

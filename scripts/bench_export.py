@@ -31,7 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from converters.gguf_export import report_path  # noqa: E402
-from converters.llamacpp_log import route_llamacpp_logs  # noqa: E402
 from dsnot_deploy.llamacpp_runtime import logits_fn  # noqa: E402
 from dsnot_deploy.perplexity import perplexity_llamacpp  # noqa: E402
 
@@ -68,10 +67,9 @@ def wikitext_ids(tokenizer) -> torch.Tensor:
 
 
 def llamacpp_ppl(path: Path, ids: torch.Tensor, n_ctx: int, chunks: int, bos: int | None) -> tuple[float, float]:
-    import llama_cpp
+    from dsnot_deploy.llamacpp_loader import open_llama
 
-    route_llamacpp_logs()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False)
+    llm = open_llama(path, n_ctx=n_ctx, logits_all=True)
     try:
         result = perplexity_llamacpp(logits_fn(llm), ids, n_ctx, bos, max_chunks=chunks, progress=False)
         return result.ppl, result.tokens_per_second
@@ -80,15 +78,9 @@ def llamacpp_ppl(path: Path, ids: torch.Tensor, n_ctx: int, chunks: int, bos: in
 
 
 def logits(path: Path, ids: list[int]) -> np.ndarray:
-    import llama_cpp
+    from dsnot_deploy.llamacpp_runtime import isolated_logits
 
-    route_llamacpp_logs()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, verbose=False)
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float64)
-    finally:
-        llm.close()
+    return isolated_logits(path, ids, n_ctx=64).astype(np.float64)
 
 
 def tensor_table(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -83,10 +83,10 @@ def exported(ckpt: Path, qtype: str) -> Path:
 def minimal_loop(path: Path, text: str, ctx: int, chunks: int, threads: int) -> dict:
     """llama-perplexity's protocol with llama-cpp-python's high-level API and every logit kept."""
     import llama_cpp
-    from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, logits_all=True, verbose=False,
-                n_threads=threads, n_threads_batch=threads)
+    from dsnot_deploy.llamacpp_loader import open_llama
+
+    llm = open_llama(path, n_ctx=ctx, n_threads=threads, logits_all=True)
     try:
         ids = llm.tokenize(text.encode("utf-8"), add_bos=True)
         add_bos = bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model)))

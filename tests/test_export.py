@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 from converters import gguf_export
 from converters.gguf_export import ExportConfig, export_gguf, report_path
 from converters.gguf_tokenizer import tokenization_mismatches, usable_probes
-from converters.llamacpp_log import route_llamacpp_logs
 from dsnot_deploy.cli import main
 from dsnot_deploy.errors import UnsupportedModelError
+from dsnot_deploy.llamacpp_runtime import isolated_logits
 from tests.tiny_models import ARCHS, make_tiny_tokenizer, save_tiny_checkpoint
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -50,13 +50,8 @@ def _torch_logits(ckpt: Path, ids: list[int], state: dict[str, torch.Tensor] | N
 
 
 def _llamacpp_logits(path: Path, ids: list[int]) -> np.ndarray:
-    route_llamacpp_logs()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, verbose=False)
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float64)
-    finally:
-        llm.close()
+    """In a llama.cpp child process: a type that crashes llama.cpp fails the test instead of the run."""
+    return isolated_logits(path, ids, n_ctx=64).astype(np.float64)
 
 
 def _sparsify(ckpt: Path, fraction: float = 0.5, seed: int = 0) -> None:

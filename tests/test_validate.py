@@ -17,6 +17,7 @@ gguf_export = pytest.importorskip("converters.gguf_export")
 from dsnot_deploy import validate as validate_mod  # noqa: E402
 from dsnot_deploy.cli import main  # noqa: E402
 from dsnot_deploy.errors import UserInputError  # noqa: E402
+from dsnot_deploy.llamacpp_loader import open_llama  # noqa: E402
 from dsnot_deploy.llamacpp_runtime import GGUFModel, ScoringPlan, read_gguf_info  # noqa: E402
 from dsnot_deploy.perplexity import perplexity_llamacpp, perplexity_paper  # noqa: E402
 from dsnot_deploy.validate import (  # noqa: E402
@@ -68,10 +69,7 @@ def _run(sparse: Path, dense: Path | str, text: Path, **kw):
 def _reference_logits(path: Path, text: str, ctx: int, protocol: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Independent of llamacpp_runtime: llama-cpp-python's high-level API with every logit kept
     (the documented loop: tokenize with BOS, BOS first in every chunk, reset, eval, scores)."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, logits_all=True, verbose=False,
-                n_threads=1, n_threads_batch=1)
+    llm = open_llama(path, n_ctx=ctx, n_threads=1, logits_all=True)
     try:
         ids = llm.tokenize(text.encode(), add_bos=True)
         first = ctx // 2 if protocol == "llamacpp" else 0
@@ -138,10 +136,7 @@ def test_same_positions_as_the_torch_protocols(tiny, protocol: str) -> None:
     """perplexity.py's torch implementation, fed llama.cpp's own logits for each chunk, gives the same
     number (same positions, same BOS handling), and the torch model itself agrees with the F32 GGUF."""
     result, _ = _run(tiny["sparse"], tiny["dense"], tiny["text"], protocol=protocol, checkpoint=tiny["sparse_ckpt"])
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(tiny["sparse"]), n_ctx=CTX, n_batch=CTX, logits_all=True, verbose=False,
-                n_threads=1, n_threads_batch=1)
+    llm = open_llama(tiny["sparse"], n_ctx=CTX, n_threads=1, logits_all=True)
     try:
         ids = torch.tensor(llm.tokenize(TEXT.encode(), add_bos=True))
 
