@@ -28,9 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from dsnot_deploy.atomic import atomic_dir
 from dsnot_deploy.errors import UserInputError
-
-from .pack_io import atomic_dir
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from .gguf_tokenizer import (
     usable_probes,
     write_vocab,
 )
-from .gguf_types import OutputType, parse_output_type
+from .gguf_types import OutputType, parse_output_type, zero_keeping_names
 from .gguf_zeros import count_zeros, summarize
 from .hf_source import HFCheckpoint, open_checkpoint
 from .imatrix import imatrix_from_stats, read_imatrix_file
@@ -72,6 +72,9 @@ class ExportConfig:
     progress: bool = True
     tokenizer_pre: str | None = None  # None: detect by asking llama.cpp (see gguf_tokenizer)
     threads: int = 0  # llama.cpp quantizer threads; 0 = all cores
+    # general.* naming keys (name, basename, finetune, organization, size_label, license, version) of the
+    # model source, used when the checkpoint's refine manifest records none (see _naming)
+    naming: tuple[tuple[str, str], ...] | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -230,20 +233,35 @@ def _dsnot_metadata(w: gguf.GGUFWriter, manifest: dict[str, Any] | None) -> None
         w.add_string("dsnot.model.source", str(source))
 
 
-def _model_name(ckpt: HFCheckpoint) -> str:
-    name = ckpt.config.get("_name_or_path") or ""
-    return Path(str(name)).name or ckpt.root.name
+_NAMING_WRITERS = {"name": "add_name", "basename": "add_basename", "finetune": "add_finetune",
+                   "organization": "add_organization", "size_label": "add_size_label", "license": "add_license",
+                   "version": "add_version"}
+
+
+def _naming(ckpt: HFCheckpoint, given: tuple[tuple[str, str], ...] | None, n_params: int) -> dict[str, str]:
+    """The general.* naming keys: the source's as recorded by refine, else ``given``, else config.json's
+    ``_name_or_path`` (a Hub id) or the folder name; the size label from the parameter count when
+    the source has none (llama.cpp's rule: 135M, 1.2B, ...)."""
+    naming = dict(((ckpt.manifest or {}).get("model") or {}).get("naming") or {}) or dict(given or ())
+    if not naming.get("name"):
+        origin = str(ckpt.config.get("_name_or_path") or "")
+        naming["name"] = origin.split("/")[-1] if origin.count("/") == 1 and not origin.startswith(("/", ".")) \
+            else ckpt.root.resolve().name
+    if not naming.get("size_label"):
+        naming["size_label"] = gguf.size_label(n_params, 0, 0, 0)
+    return {k: str(v) for k, v in naming.items() if k in _NAMING_WRITERS and v}
 
 
 def _write_gguf(
     path: Path, ckpt: HFCheckpoint, spec: ArchSpec, plan: _Plan, vocab: Any, pre: str | None, ftype: int,
-    progress: bool,
+    progress: bool, naming: dict[str, str],
 ) -> None:
     from tqdm import tqdm
 
     w = gguf.GGUFWriter(path, spec.name)
     try:
-        w.add_name(_model_name(ckpt))
+        for key, value in naming.items():
+            getattr(w, _NAMING_WRITERS[key])(value)
         w.add_file_type(int(ftype))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         spec.write_hparams(w, ckpt.text_config)
@@ -312,7 +330,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
     if sparse and not otype.keeps_zeros and not config.allow_zero_loss:
         raise UserInputError(
             f"type {otype.name} does not keep exact zeros ({otype.description}) and {ckpt.root} is sparse; "
-            f"use a zero-keeping type (F16, BF16, Q8_0, Q5_0, Q4_0, Q6_K, SPARSE_Q5, SPARSE_Q4, SPARSE_Q3) "
+            f"use a zero-keeping type ({', '.join(zero_keeping_names())}) "
             f"or pass --allow-zero-loss"
         )
     weight_type = otype.direct if otype.direct is not None else _intermediate_type(ckpt)
@@ -329,7 +347,8 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
     try:
         # the file type of what is streamed: the final type, or the float carrier llama.cpp quantizes from
         ftype = _CARRIER_FTYPES.get(weight_type, otype.ftype) if otype.via_llamacpp else otype.ftype
-        _write_gguf(first, ckpt, spec, plan, vocab, pre, ftype, config.progress)
+        naming = _naming(ckpt, config.naming, _param_count(plan))
+        _write_gguf(first, ckpt, spec, plan, vocab, pre, ftype, config.progress, naming)
         if otype.via_llamacpp:
             llamacpp_quantize(first, final, int(otype.ftype), imatrix=imatrix or None, overrides=otype.overrides,
                               pure=otype.pure, nthread=config.threads)
@@ -355,6 +374,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
             "architecture": {"hf": ckpt.architecture, "gguf": spec.name},
             "type": otype.name,
             "type_description": otype.description,
+            "naming": naming,
             "tensor_types": tensor_types,
             "fallback_tensors": [t.gguf_name for t in plan.tensors if t.fallback],
             "imatrix": {"source": imatrix_source, "entries": len(imatrix)},

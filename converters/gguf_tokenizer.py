@@ -20,7 +20,6 @@ keeps the first candidate that agrees on every string.
 from __future__ import annotations
 
 import importlib.util
-
 import json
 import logging
 import re
@@ -204,7 +203,7 @@ def usable_probes(tokenizer: Any, texts: Sequence[str] = PROBE_TEXTS) -> list[st
 def tokenization_mismatches(gguf_path: Path, tokenizer: Any, texts: Sequence[str] | None = None) -> list[str]:
     """The probe texts that llama.cpp (vocab only) tokenizes differently from the HF tokenizer."""
     from dsnot_deploy.errors import DsnotError
-    from dsnot_deploy.llamacpp_loader import open_llama
+    from dsnot_deploy.evaluation.llamacpp_loader import open_llama
 
     if importlib.util.find_spec("llama_cpp") is None:
         raise DsnotError("llama-cpp-python is needed to check tokenization: it is not installed")

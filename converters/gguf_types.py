@@ -92,6 +92,11 @@ OUTPUT_TYPES: dict[str, OutputType] = {t.name: t for t in (
          "embeddings/output", pure=True, overrides=_SENSITIVE),
 )}
 
+def zero_keeping_names() -> list[str]:
+    """The output types that keep pruned zeros exactly, in table order (for messages and help)."""
+    return [name for name, t in OUTPUT_TYPES.items() if t.keeps_zeros]
+
+
 def parse_output_type(name: str) -> OutputType:
     """Look up a type by name (case-insensitive); the error lists every choice."""
     key = name.strip().upper().replace("-", "_")

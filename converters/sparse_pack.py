@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from dsnot_deploy.atomic import check_output_file
+from dsnot_deploy.atomic import atomic_file, check_output_file
 from dsnot_deploy.errors import UserInputError
 
 from .gguf_read import GGUFLayout, TensorInfo, read_gguf_layout
@@ -55,7 +55,6 @@ from .pack_codecs import (
     nm_supported,
     to_planes,
 )
-from .pack_io import atomic_file
 
 log = logging.getLogger(__name__)
 

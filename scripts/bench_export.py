@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from converters.gguf_export import report_path  # noqa: E402
-from dsnot_deploy.llamacpp_runtime import logits_fn  # noqa: E402
-from dsnot_deploy.perplexity import perplexity_llamacpp  # noqa: E402
+from dsnot_deploy.evaluation.llamacpp_runtime import logits_fn  # noqa: E402
+from dsnot_deploy.evaluation.perplexity import perplexity_llamacpp  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 C4_TRAIN = DATA / "c4" / "en-train" / "c4_sample.jsonl"
@@ -59,7 +59,7 @@ def make_checkpoint(work: Path, sparsity: str) -> Path:
 
 
 def wikitext_ids(tokenizer) -> torch.Tensor:
-    from dsnot_deploy.textdata import load_text_source, tokenize_eval
+    from dsnot_deploy.sources.textdata import load_text_source, tokenize_eval
 
     path = WIKITEXT_TEST
     source = load_text_source(str(path)) if path.exists() else load_text_source("pydoc")
@@ -67,7 +67,7 @@ def wikitext_ids(tokenizer) -> torch.Tensor:
 
 
 def llamacpp_ppl(path: Path, ids: torch.Tensor, n_ctx: int, chunks: int, bos: int | None) -> tuple[float, float]:
-    from dsnot_deploy.llamacpp_loader import open_llama
+    from dsnot_deploy.evaluation.llamacpp_loader import open_llama
 
     llm = open_llama(path, n_ctx=n_ctx, logits_all=True)
     try:
@@ -78,7 +78,7 @@ def llamacpp_ppl(path: Path, ids: torch.Tensor, n_ctx: int, chunks: int, bos: in
 
 
 def logits(path: Path, ids: list[int]) -> np.ndarray:
-    from dsnot_deploy.llamacpp_runtime import isolated_logits
+    from dsnot_deploy.evaluation.llamacpp_runtime import isolated_logits
 
     return isolated_logits(path, ids, n_ctx=64).astype(np.float64)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsnot_deploy.llamacpp_loader import (  # noqa: E402
+from dsnot_deploy.evaluation.llamacpp_loader import (  # noqa: E402
     EXTRA_BUFTS_ENV,
     build_features,
     cpu_flags,
@@ -35,7 +35,7 @@ from dsnot_deploy.llamacpp_loader import (  # noqa: E402
     llamacpp_version,
     resolve_extra_buffers,
 )
-from dsnot_deploy.validate import ValidateConfig, run_validation  # noqa: E402
+from dsnot_deploy.evaluation.validate import ValidateConfig, run_validation  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 log = logging.getLogger("bench_llamacpp_loader")
@@ -112,7 +112,7 @@ def main() -> None:
         "cpu_amx": cpu_has_amx(flags),
         "llama_cpp_build": sorted(build_features()),
         "llamacpp": llamacpp_version(),
-        "default_policy": resolve_extra_buffers("auto").reason,
+        "auto_policy": resolve_extra_buffers("auto").reason,
     }
     rows = []
     for qtype in args.types:
@@ -148,7 +148,8 @@ def write(args: argparse.Namespace, machine: dict, rows: list[dict]) -> None:
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores; CPU flags {', '.join(machine['flags'])}; "
         f"AMX: {'yes' if machine['cpu_amx'] else 'no'}. {machine['llamacpp']}, built with "
-        f"{', '.join(machine['llama_cpp_build'])}. Default policy here: {machine['default_policy']}.",
+        f"{', '.join(machine['llama_cpp_build'])}. `auto` here: {machine['auto_policy']} (on); the default "
+        f"is off.",
         "",
         f"SmolLM2-135M, Wanda 50% (16 x 512 calibration tokens) and the dense model at the same type; "
         f"`validate`, llama.cpp protocol, {args.chunks} x {args.ctx} tokens of {Path(args.text).name}. "

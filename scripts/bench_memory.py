@@ -43,8 +43,8 @@ def proc_status():  # kB fields of /proc/self/status, in MB; empty off Linux
         return {}
     return {k: int(v.split()[0]) / 1024 for k, _, v in (line.partition(":") for line in lines)
             if k in ("VmHWM", "VmRSS", "RssAnon", "RssFile") and v.strip().endswith("kB")}
-from dsnot_deploy.config import PruneConfig, Refinement
-from dsnot_deploy.refine import CalibrationConfig, RefineJob, refine
+from dsnot_deploy.algorithms.config import PruneConfig, Refinement
+from dsnot_deploy.layerwise.refine import CalibrationConfig, RefineJob, refine
 ckpt, out, calib, stream, nsamples, seqlen, refinement = sys.argv[1:8]
 t0 = time.perf_counter()
 manifest = refine(RefineJob(model=ckpt, outdir=Path(out), calibration=CalibrationConfig(calib, int(nsamples), int(seqlen), 0),

@@ -30,9 +30,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsnot_deploy.llamacpp_runtime import read_gguf_info  # noqa: E402
-from dsnot_deploy.report import versions  # noqa: E402
-from dsnot_deploy.validate import ValidateConfig, dense_gguf_for, run_validation  # noqa: E402
+from converters.gguf_info import read_gguf_info  # noqa: E402
+from dsnot_deploy.evaluation.report import versions  # noqa: E402
+from dsnot_deploy.evaluation.dense_cache import dense_gguf_for  # noqa: E402
+from dsnot_deploy.evaluation.validate import ValidateConfig, run_validation  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 log = logging.getLogger("bench_validate")
@@ -84,7 +85,7 @@ def minimal_loop(path: Path, text: str, ctx: int, chunks: int, threads: int) -> 
     """llama-perplexity's protocol with llama-cpp-python's high-level API and every logit kept."""
     import llama_cpp
 
-    from dsnot_deploy.llamacpp_loader import open_llama
+    from dsnot_deploy.evaluation.llamacpp_loader import open_llama
 
     llm = open_llama(path, n_ctx=ctx, n_threads=threads, logits_all=True)
     try:

@@ -356,8 +356,8 @@ def target_gguf_read(path: Path) -> None:
 
 
 def target_gguf_info(path: Path) -> None:
-    """`validate`'s header read: dsnot_deploy.llamacpp_runtime.read_gguf_info (gguf-py GGUFReader)."""
-    from dsnot_deploy.llamacpp_runtime import read_gguf_info
+    """`validate`'s header read: dsnot_deploy.evaluation.llamacpp_runtime.read_gguf_info (gguf-py GGUFReader)."""
+    from converters.gguf_info import read_gguf_info
 
     read_gguf_info(path)
 

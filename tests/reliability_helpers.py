@@ -11,7 +11,7 @@ TEXT = " ".join(
     f"Sentence number {i} tells the quick brown fox to jump over the lazy dog, hello world." for i in range(200)
 )
 
-# sparsity.json fields that are wall-clock measurements (dsnot_deploy.refine.TIME_FIELDS)
+# sparsity.json fields that are wall-clock measurements (dsnot_deploy.layerwise.refine.TIME_FIELDS)
 TIME_PATHS = ("times", "sparsity.per_layer[].seconds", "linears[].mask_seconds")
 
 

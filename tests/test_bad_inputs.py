@@ -201,7 +201,7 @@ CASES: list[tuple[str, Setup, tuple[str, ...]]] = [
      ("does not exist",)),
     # export
     ("export-missing-checkpoint", lambda i, w: ["export", str(w / "nope"), str(w / "m.gguf"), "-q"],
-     ("does not exist",)),
+     ("no such file or directory",)),
     ("export-dir-not-checkpoint", lambda i, w: ["export", str((w / "e").mkdir() or w / "e"), str(w / "m.gguf"), "-q"],
      ("config.json",)),
     ("export-truncated-safetensors",

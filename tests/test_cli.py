@@ -187,3 +187,17 @@ def test_torch_threads_untouched_by_import() -> None:
     n = torch.get_num_threads()
     importlib.import_module("dsnot_deploy.cli")
     assert torch.get_num_threads() == n
+
+
+def test_outputs_get_the_umask_mode_not_0600(tmp_path: Path) -> None:
+    """Reports and JSON files are ordinary files (0666 minus the umask), like the GGUF llama.cpp writes."""
+    import os
+
+    from dsnot_deploy.atomic import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "r.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644

@@ -81,7 +81,7 @@ def test_deterministic_mode_runs_and_changes_nothing_on_the_cpu(two_runs) -> Non
 
 
 def test_only_the_documented_time_fields_of_the_manifest_differ(two_runs) -> None:
-    from dsnot_deploy.refine import TIME_FIELDS
+    from dsnot_deploy.layerwise.refine import TIME_FIELDS
 
     a, b = (json.loads((run / "ckpt" / "sparsity.json").read_text()) for run in two_runs)
     diff = json_diff_paths(a, b)
@@ -99,7 +99,7 @@ def test_export_twice_gives_identical_gguf(two_runs, qtype: str) -> None:
     assert a.read_bytes() == b.read_bytes()
 
 
-@pytest.mark.skipif(not HAS_PACK, reason="pack owner: dsnot_deploy/cmd_pack.py does not exist yet")
+@pytest.mark.skipif(not HAS_PACK, reason="pack owner: dsnot_deploy/cli/pack.py does not exist yet")
 def test_pack_twice_gives_identical_bytes(two_runs) -> None:
     a, b = (run / "m-Q8_0.pack" for run in two_runs)
     assert a.read_bytes() == b.read_bytes()

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsnot_deploy.config import Method, PruneConfig, Refinement
-from dsnot_deploy.estimate import (
+from dsnot_deploy.algorithms.config import Method, PruneConfig, Refinement
+from dsnot_deploy.layerwise.estimate import (
     Rates,
     RunShape,
     estimate,
@@ -17,7 +17,7 @@ from dsnot_deploy.estimate import (
     measure_rates,
     shape_of,
 )
-from dsnot_deploy.models import build_skeleton
+from dsnot_deploy.sources.streaming_io import build_skeleton
 from tests.tiny_models import make_tiny_model, save_tiny_checkpoint
 
 RATES = Rates(matmul_flops=1e10, mask_seconds_per_unit=1e-7)

@@ -16,7 +16,7 @@ from converters.gguf_export import ExportConfig, export_gguf, report_path
 from converters.gguf_tokenizer import tokenization_mismatches, usable_probes
 from dsnot_deploy.cli import main
 from dsnot_deploy.errors import UnsupportedModelError
-from dsnot_deploy.llamacpp_runtime import isolated_logits
+from dsnot_deploy.evaluation.llamacpp_runtime import isolated_logits
 from tests.tiny_models import ARCHS, make_tiny_tokenizer, save_tiny_checkpoint
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -187,8 +187,8 @@ def test_dense_checkpoint_may_use_any_type(tmp_path: Path) -> None:
 
 
 def test_metadata_keys_and_provenance(tmp_path: Path) -> None:
-    from dsnot_deploy.config import PruneConfig, SparsityPattern
-    from dsnot_deploy.refine import CalibrationConfig, RefineJob, refine
+    from dsnot_deploy.algorithms.config import PruneConfig, SparsityPattern
+    from dsnot_deploy.layerwise.refine import CalibrationConfig, RefineJob, refine
 
     ckpt = _checkpoint(tmp_path, "llama")
     text = tmp_path / "calib.txt"

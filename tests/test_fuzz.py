@@ -137,7 +137,7 @@ def test_regression_gguf_py_reader_is_not_fed_unchecked_counts(tmp_path: Path) -
 
 
     from dsnot_deploy.errors import UserInputError
-    from dsnot_deploy.llamacpp_runtime import read_gguf_info
+    from converters.gguf_info import read_gguf_info
 
     path = tmp_path / "m.gguf"
     path.write_bytes(zlib.decompress(base64.b64decode("".join(GGUF_PY_MEMORY_ERROR))))

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from dsnot_deploy.cli import main
-from dsnot_deploy.models import recover_stale_temporaries
-from dsnot_deploy.resume import state_dir_for
+from dsnot_deploy.atomic import remove_stale_temporaries
+from dsnot_deploy.layerwise.resume import state_dir_for
 from tests.reliability_helpers import TEXT, assert_same_checkpoint, refine_args
 from tests.tiny_models import save_tiny_checkpoint
 
@@ -98,13 +98,13 @@ def test_refine_killed_mid_run_keeps_the_previous_output_and_resumes_to_the_same
     assert main(refine_args(ckpt, text, reference, *extra)) == 0
     out = tmp_path / "out"
     _previous(out)
-    module = "dsnot_deploy.stream" if stream else "dsnot_deploy.driver"
+    module = "dsnot_deploy.layerwise.stream" if stream else "dsnot_deploy.layerwise.driver"
     proc = _start(module, "process_layer", 1.0, refine_args(ckpt, text, out, *extra, "--force"))
     _kill_when(proc, lambda: _layers_done(out) >= 2)
     _previous_intact(out)
     assert 2 <= _layers_done(out) < 4
     if stream:  # the streaming writer's folder of the killed process is still there
-        assert [p.name for p in _temporaries(tmp_path, proc.pid)] == [f".out.tmp-{proc.pid}"]
+        assert [p.name for p in _temporaries(tmp_path, proc.pid)] == [f".out.{proc.pid}.d.tmp"]
     assert main(refine_args(ckpt, text, out, *extra, "--force", "--resume")) == 0
     assert_same_checkpoint(reference, out)
     assert _temporaries(tmp_path) == []  # state removed, the killed run's temporaries cleaned up
@@ -114,9 +114,9 @@ def test_refine_killed_while_saving_keeps_the_previous_output(tiny, tmp_path: Pa
     ckpt, text = tiny
     out = tmp_path / "out"
     _previous(out)
-    proc = _start("dsnot_deploy.models", "_verify_tokenizer_reload", 60.0,
+    proc = _start("dsnot_deploy.sources.checkpoint_io", "verify_tokenizer_reload", 60.0,
                   refine_args(ckpt, text, out, "--sparsity", "0.5", "--force"))
-    tmp = tmp_path / f".out.tmp-{proc.pid}"
+    tmp = tmp_path / f".out.{proc.pid}.d.tmp"
     _kill_when(proc, lambda: (tmp / "model.safetensors").is_file())
     _previous_intact(out)
     assert tmp.is_dir() and _layers_done(out) == 4  # every layer finished before the save
@@ -134,19 +134,19 @@ def _dead_pid() -> int:
 def test_a_checkpoint_displaced_by_a_killed_replacement_comes_back(tmp_path: Path) -> None:
     """Killed between `rename(OUTDIR, .old)` and `rename(.tmp, OUTDIR)`: the previous checkpoint returns."""
     pid = _dead_pid()
-    old, tmp = tmp_path / f".out.old-{pid}", tmp_path / f".out.tmp-{pid}"
+    old, tmp = tmp_path / f".out.{pid}.old.tmp", tmp_path / f".out.{pid}.d.tmp"
     old.mkdir()
     (old / "keep.txt").write_text("previous checkpoint")
     tmp.mkdir()
     (tmp / "half.safetensors").write_bytes(b"half")
-    live = tmp_path / f".out.tmp-{os.getpid()}"  # a running writer's folder is never touched
+    live = tmp_path / f".out.{os.getpid()}.d.tmp"  # a running writer's folder is never touched
     live.mkdir()
-    removed = recover_stale_temporaries(tmp_path / "out")
+    removed = remove_stale_temporaries(tmp_path / "out")
     _previous_intact(tmp_path / "out")
     assert removed == [tmp] and not old.exists() and live.is_dir()
     # after both renames, the leftover .old of a killed run is just deleted
     old.mkdir()
-    assert recover_stale_temporaries(tmp_path / "out") == [old]
+    assert remove_stale_temporaries(tmp_path / "out") == [old]
     _previous_intact(tmp_path / "out")
 
 
@@ -188,7 +188,7 @@ def gguf_file(sparse_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out
 
 
-@pytest.mark.skipif(not HAS_PACK, reason="pack owner: dsnot_deploy/cmd_pack.py does not exist yet")
+@pytest.mark.skipif(not HAS_PACK, reason="pack owner: dsnot_deploy/cli/pack.py does not exist yet")
 def test_pack_killed_mid_write_keeps_the_previous_file(gguf_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.pack"
     out.write_bytes(b"previous pack")
@@ -202,7 +202,7 @@ def test_pack_killed_mid_write_keeps_the_previous_file(gguf_file: Path, tmp_path
     assert restored.read_bytes() == gguf_file.read_bytes()
 
 
-@pytest.mark.skipif(not HAS_PACK, reason="pack owner: dsnot_deploy/cmd_pack.py does not exist yet")
+@pytest.mark.skipif(not HAS_PACK, reason="pack owner: dsnot_deploy/cli/pack.py does not exist yet")
 def test_pack_rerun_removes_a_killed_packs_temporary(gguf_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.pack"
     proc = _start("converters.sparse_pack", "encode_tensor", 0.5, ["pack", str(gguf_file), str(out), "--fast", "-q"])

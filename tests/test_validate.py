@@ -14,18 +14,16 @@ import torch
 pytest.importorskip("llama_cpp")
 gguf_export = pytest.importorskip("converters.gguf_export")
 
-from dsnot_deploy import validate as validate_mod  # noqa: E402
+from dsnot_deploy.evaluation import dense_cache, logit_metrics  # noqa: E402
 from dsnot_deploy.cli import main  # noqa: E402
 from dsnot_deploy.errors import UserInputError  # noqa: E402
-from dsnot_deploy.llamacpp_loader import open_llama  # noqa: E402
-from dsnot_deploy.llamacpp_runtime import GGUFModel, ScoringPlan, read_gguf_info  # noqa: E402
-from dsnot_deploy.perplexity import perplexity_llamacpp, perplexity_paper  # noqa: E402
-from dsnot_deploy.validate import (  # noqa: E402
-    GateConfig,
-    ValidateConfig,
-    compare_logits,
-    run_validation,
-)
+from dsnot_deploy.evaluation.llamacpp_loader import open_llama  # noqa: E402
+from converters.gguf_info import read_gguf_info  # noqa: E402
+from dsnot_deploy.evaluation.llamacpp_runtime import GGUFModel, ScoringPlan  # noqa: E402
+from dsnot_deploy.evaluation.perplexity import perplexity_llamacpp, perplexity_paper  # noqa: E402
+from dsnot_deploy.evaluation.gate import GateConfig  # noqa: E402
+from dsnot_deploy.evaluation.logit_metrics import compare_logits  # noqa: E402
+from dsnot_deploy.evaluation.validate import ValidateConfig, run_validation  # noqa: E402
 from tests.helpers_tokenizer import make_tiny_tokenizer  # noqa: E402
 from tests.tiny_models import save_tiny_checkpoint  # noqa: E402
 
@@ -163,7 +161,7 @@ def test_compare_logits_blocks_equal_one_pass(monkeypatch) -> None:
     sparse = dense + rng.normal(size=dense.shape).astype(np.float32)
     targets = rng.integers(0, 50, size=37)
     whole = compare_logits(dense, sparse, targets)
-    monkeypatch.setattr(validate_mod, "_BLOCK_ELEMENTS", 50 * 4)  # blocks of 4 rows
+    monkeypatch.setattr(logit_metrics, "_BLOCK_ELEMENTS", 50 * 4)  # blocks of 4 rows
     blocked = compare_logits(dense, sparse, targets)
     assert blocked.nll_dense == pytest.approx(whole.nll_dense, rel=1e-12)
     assert blocked.nll_sparse == pytest.approx(whole.nll_sparse, rel=1e-12)
@@ -216,8 +214,8 @@ def test_gate_passes_with_exit_0_and_writes_reports(tiny, tmp_path: Path, capsys
     assert code == 0 and "gate passed: 4 threshold(s)" in printed
     report = json.loads(Path(f"{out}.json").read_text())
     assert report["gate"]["passed"] is True and len(report["gate"]["checks"]) == 4
-    assert report["files"]["sparse_gguf"]["sha256"] == validate_mod.sha256_file(tiny["sparse"])
-    assert report["files"]["text"]["sha256"] == validate_mod.sha256_file(tiny["text"])
+    assert report["files"]["sparse_gguf"]["sha256"] == dense_cache.sha256_file(tiny["sparse"])
+    assert report["files"]["text"]["sha256"] == dense_cache.sha256_file(tiny["text"])
     assert report["versions"]["llama-cpp-python"] and report["settings"]["ctx"] == CTX
     assert len(report["results"]["sparse"]["per_chunk_ppl"]) == report["results"]["n_chunks"]
     assert report["models"]["sparse"]["dsnot"]["dsnot.sparsity.per_layer"]

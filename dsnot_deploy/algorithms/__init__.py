@@ -1,0 +1,1 @@
+"""Pure math: statistics, masks, SparseGPT, DSnoT, the exact refinement, pruning configs."""

@@ -1,0 +1,152 @@
+"""Enums and frozen configuration dataclasses, validated at construction.
+
+Strings are parsed only by the CLI; everything below it takes these typed configs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+from dsnot_deploy.errors import UserInputError
+
+
+class Method(str, Enum):
+    """How the initial mask is chosen (algorithms.md section 3)."""
+
+    MAGNITUDE = "magnitude"
+    WANDA = "wanda"
+    SPARSEGPT = "sparsegpt"
+
+
+class Refinement(str, Enum):
+    """What improves the initial mask (algorithms.md sections 4 and 4b)."""
+
+    NONE = "none"
+    DSNOT = "dsnot"  # faithful DSnoT: mean-error objective
+    EXACT = "exact"  # exact calibration output error dw^T H dw
+
+
+class VarianceKind(str, Enum):
+    WITHIN_SAMPLE = "within-sample"  # reference parity: mean of per-sample variances
+    POOLED = "pooled"  # variance over all B*L tokens (Chan merge)
+
+
+class MagnitudeScope(str, Enum):
+    PER_MATRIX = "per-matrix"  # the paper's magnitude baseline
+    PER_ROW = "per-row"  # the reference's magnitude init of DSnoT
+
+
+@dataclass(frozen=True)
+class SparsityPattern:
+    """Unstructured sparsity `sparsity` in (0, 1), or N:M = N zeros in every M consecutive columns."""
+
+    sparsity: float
+    n: int = 0
+    m: int = 0
+
+    def __post_init__(self) -> None:
+        if self.m:
+            if not (0 < self.n < self.m):
+                raise UserInputError(f"N:M pattern needs 0 < N < M; got {self.n}:{self.m}")
+            if not math.isclose(self.sparsity, self.n / self.m):
+                raise UserInputError("N:M pattern sparsity must equal N/M")
+        elif not (isinstance(self.sparsity, float | int) and 0.0 < self.sparsity < 1.0):
+            raise UserInputError(f"sparsity must be in (0, 1); got {self.sparsity!r}")
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m > 0
+
+    @classmethod
+    def unstructured(cls, sparsity: float) -> SparsityPattern:
+        if isinstance(sparsity, float) and math.isnan(sparsity):
+            raise UserInputError("sparsity must be in (0, 1); got nan")
+        return cls(sparsity=float(sparsity))
+
+    @classmethod
+    def nm(cls, n: int, m: int) -> SparsityPattern:
+        if m <= 0 or n <= 0 or n >= m:
+            raise UserInputError(f"N:M pattern needs 0 < N < M; got {n}:{m}")
+        return cls(sparsity=n / m, n=n, m=m)
+
+    @classmethod
+    def parse(cls, text: str) -> SparsityPattern:
+        """'2:4' -> N:M, '0.6' -> unstructured."""
+        try:
+            if ":" in text:
+                n_str, m_str = text.split(":", 1)
+                return cls.nm(int(n_str), int(m_str))
+            return cls.unstructured(float(text))
+        except ValueError:
+            raise UserInputError(f"pattern must be a sparsity like 0.6 or N:M like 2:4; got {text!r}") from None
+
+    def describe(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:.0%} unstructured"
+
+
+@dataclass(frozen=True)
+class DSnoTConfig:
+    """Faithful DSnoT options (algorithms.md section 4); defaults are the reference's."""
+
+    max_cycle_time: int = 50  # swaps per row at most
+    update_threshold: float = 0.1  # a row stops once |mean error| <= this
+    pow_of_var_regrowing: float = 1.0  # grow key = c / var^p; 0 disables the division
+    same_sign: bool | None = None  # None: off for unstructured, on for N:M (reference)
+    variance: VarianceKind = VarianceKind.WITHIN_SAMPLE
+
+    def __post_init__(self) -> None:
+        if self.max_cycle_time < 0:
+            raise UserInputError(f"max_cycle_time must be >= 0; got {self.max_cycle_time}")
+        if not self.update_threshold >= 0:
+            raise UserInputError(f"update_threshold must be >= 0; got {self.update_threshold}")
+        if not self.pow_of_var_regrowing >= 0:
+            raise UserInputError(f"pow_of_var_regrowing must be >= 0; got {self.pow_of_var_regrowing}")
+
+
+@dataclass(frozen=True)
+class ExactConfig:
+    """Exact-error prune-and-grow (algorithms.md section 4b)."""
+
+    max_swaps: int = 128  # per row; each accepted swap strictly lowers the row error
+    top_k: int = 8  # candidates per side evaluated jointly (K x K pairs, cross term included)
+    pool: int = 32  # per-row candidate pool per side, from which the K best are taken each swap
+    refresh_every: int = 8  # swaps between rebuilds of the pool from the whole row (1 = every swap)
+    rel_tol: float = 1e-7  # a swap must lower the row error by more than rel_tol * dense row energy
+
+    def __post_init__(self) -> None:
+        if self.max_swaps < 0 or self.top_k < 1 or self.pool < 1 or self.refresh_every < 1:
+            raise UserInputError(f"exact refinement needs max_swaps >= 0 and top_k >= 1; got {self}")
+
+
+@dataclass(frozen=True)
+class SparseGPTConfig:
+    blocksize: int = 128
+    percdamp: float = 0.01  # lambda = percdamp * mean(diag H)
+
+
+LAYER_GROUPS = ("attn", "mlp")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that decides which weights of a Linear are zeroed."""
+
+    method: Method = Method.WANDA
+    pattern: SparsityPattern = field(default_factory=lambda: SparsityPattern.unstructured(0.5))
+    refinement: Refinement = Refinement.EXACT
+    magnitude_scope: MagnitudeScope = MagnitudeScope.PER_ROW
+    dsnot: DSnoTConfig = field(default_factory=DSnoTConfig)
+    exact: ExactConfig = field(default_factory=ExactConfig)
+    sparsegpt: SparseGPTConfig = field(default_factory=SparseGPTConfig)
+    skip_refine_groups: tuple[str, ...] = ()  # "attn" and/or "mlp": pruned but not refined
+
+    def __post_init__(self) -> None:
+        bad = [g for g in self.skip_refine_groups if g not in LAYER_GROUPS]
+        if bad:
+            raise UserInputError(f"skip groups must be among {LAYER_GROUPS}; got {bad}")
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.method is Method.SPARSEGPT or self.refinement is Refinement.EXACT

@@ -1,0 +1,118 @@
+"""Prune one Linear from its statistics: initial mask, optional refinement, report.
+
+Pure tensor code (no hooks, files or progress bars).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dsnot_deploy.algorithms.config import Method, PruneConfig, Refinement
+from dsnot_deploy.algorithms.dsnot import dsnot_refine, mean_error
+from dsnot_deploy.algorithms.exact import exact_refine
+from dsnot_deploy.algorithms.masks import magnitude_mask, wanda_mask
+from dsnot_deploy.algorithms.sparsegpt import sparsegpt_prune
+from dsnot_deploy.algorithms.stats import ChannelStats
+
+
+@dataclass(frozen=True)
+class LinearReport:
+    name: str
+    rows: int
+    cols: int
+    zeros: int
+    swaps_mean: float
+    swaps_max: int
+    # DSnoT's proxy: sum over rows of |mean error| (algorithms.md section 4), init -> final
+    mean_error_init: float
+    mean_error_final: float
+    # true calibration output error, sum_i dw_i^T H dw_i / sum_i Wd_i^T H Wd_i (when H is known)
+    output_error_init: float | None
+    output_error_final: float | None
+    mask_seconds: float
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / max(self.rows * self.cols, 1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _output_error(dense: torch.Tensor, sparse: torch.Tensor, hessian: torch.Tensor) -> float:
+    """sum_i dw_i^T H dw_i, float32 matmul with a float64 reduction (a report, not a decision)."""
+    dw = dense - sparse
+    return float(((dw @ hessian) * dw).sum(dtype=torch.float64))
+
+
+def prune_linear(
+    name: str, weight: torch.Tensor, stats: ChannelStats, config: PruneConfig, refine: bool = True
+) -> tuple[torch.Tensor, LinearReport]:
+    """Return (new float32 weight with exact zeros, report). `weight` is (rows, cols)."""
+    dense = weight.detach().float()
+    hessian = stats.hessian.to(dense.device) if stats.xtx is not None else None
+    _sync(dense.device)
+    t0 = time.perf_counter()
+    if config.method is Method.SPARSEGPT:
+        assert hessian is not None
+        sparse, mask = sparsegpt_prune(dense, hessian, config.pattern, config.sparsegpt)
+    else:
+        if config.method is Method.WANDA:
+            mask = wanda_mask(dense, stats.sqnorm.to(dense.device), config.pattern)
+        else:
+            mask = magnitude_mask(dense, config.pattern, config.magnitude_scope)
+        sparse = dense * mask
+    init = sparse
+    refinement = config.refinement if refine else Refinement.NONE
+    swaps = torch.zeros(1, dtype=torch.long)
+    errors: tuple[float, float] | None = None  # (init, final) output error when the refinement knows it
+    if refinement is Refinement.DSNOT:
+        result = dsnot_refine(
+            dense,
+            sparse,
+            mask,
+            stats.tokensum.to(dense.device),
+            stats.variance(config.dsnot.variance).to(dense.device),
+            stats.sqnorm.to(dense.device),
+            config.pattern,
+            config.dsnot,
+        )
+        sparse, swaps = result.weight, result.swaps
+    elif refinement is Refinement.EXACT:
+        assert hessian is not None
+        result = exact_refine(dense, sparse, mask, hessian, config.pattern, config.exact)
+        sparse, swaps = result.weight, result.swaps
+        errors = (float(result.objective_before.sum()), float(result.objective_after.sum()))
+    # W * mask leaves -0.0 where a negative weight was pruned; store every pruned weight as +0.0 so
+    # that bit-level consumers (compact packs of F16/BF16 GGUFs, N:M detection) see one zero
+    sparse = sparse + 0.0
+    _sync(dense.device)
+    mask_seconds = time.perf_counter() - t0
+
+    tokensum = stats.tokensum.to(dense.device)
+    out_init = out_final = None
+    if hessian is not None:
+        energy = max(_output_error(dense, torch.zeros_like(dense), hessian), 1e-30)
+        if errors is None:
+            final = _output_error(dense, sparse, hessian)
+            errors = (_output_error(dense, init, hessian) if refinement is not Refinement.NONE else final, final)
+        out_init, out_final = errors[0] / energy, errors[1] / energy
+    report = LinearReport(
+        name=name,
+        rows=dense.shape[0],
+        cols=dense.shape[1],
+        zeros=int((sparse == 0).sum()),
+        swaps_mean=float(swaps.float().mean()),
+        swaps_max=int(swaps.max()),
+        mean_error_init=float(mean_error(dense, init, tokensum).abs().sum()),
+        mean_error_final=float(mean_error(dense, sparse, tokensum).abs().sum()),
+        output_error_init=out_init,
+        output_error_final=out_final,
+        mask_seconds=mask_seconds,
+    )
+    return sparse, report

@@ -1,0 +1,179 @@
+"""Option groups and their conversion to job configs, shared by several commands (refine,
+refine-and-export): device/dtype, pruning and refinement, calibration, scale and reliability."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from dsnot_deploy.cli.common import add_logging_options
+from dsnot_deploy.errors import UserInputError
+
+
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="where layers are processed: cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="model dtype; statistics are always float32 (default float32)")
+    add_logging_options(p)
+
+
+def add_refine_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pruning")
+    g.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
+                   help="initial mask (default wanda)")
+    pat = g.add_mutually_exclusive_group()
+    pat.add_argument("--sparsity", type=float, default=None, help="unstructured sparsity in (0, 1) (default 0.5)")
+    pat.add_argument("--pattern", default=None, help="N:M pattern, N zeros in every M columns, e.g. 2:4")
+    g.add_argument("--magnitude-scope", default="per-row", choices=["per-row", "per-matrix"],
+                   help="magnitude ranking group (paper baseline: per-matrix; DSnoT init: per-row)")
+    r = p.add_argument_group("refinement")
+    ref = r.add_mutually_exclusive_group()
+    ref.add_argument("--refine", default="exact", choices=["exact", "dsnot", "none"],
+                     help="mask refinement: exact = prune-and-grow judged by the exact calibration output "
+                          "error (default; measured best, see docs/bench_refine.md), dsnot = the faithful "
+                          "DSnoT of the paper, none = the initial mask alone")
+    ref.add_argument("--dsnot", dest="refine", action="store_const", const="dsnot", help="same as --refine dsnot")
+    ref.add_argument("--no-dsnot", dest="refine", action="store_const", const="none", help="same as --refine none")
+    r.add_argument("--max-cycle-time", type=int, default=50, help="DSnoT: swaps per row at most (default 50)")
+    r.add_argument("--update-threshold", type=float, default=0.1, help="DSnoT: stop a row at |error| <= this (0.1)")
+    r.add_argument("--pow-of-var-regrowing", type=float, default=1.0, help="DSnoT: grow key c/var^p (default 1)")
+    sign = r.add_mutually_exclusive_group()
+    sign.add_argument("--same-sign", dest="same_sign", action="store_true", default=None,
+                      help="DSnoT: stop a row when its error would change sign (default: on for N:M only)")
+    sign.add_argument("--no-same-sign", dest="same_sign", action="store_false")
+    r.add_argument("--variance", default="within-sample", choices=["within-sample", "pooled"],
+                   help="DSnoT: channel variance (within-sample = reference parity)")
+    r.add_argument("--skip-refine", action="append", default=[], choices=["attn", "mlp"],
+                   help="prune but do not refine this group of Linears (repeatable; reference: mlp)")
+    r.add_argument("--exact-max-swaps", type=int, default=128, help="exact: swaps per row at most (default 128)")
+    r.add_argument("--exact-top-k", type=int, default=8, help="exact: candidates per side per swap (default 8)")
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calib", default="pydoc",
+                   help="calibration text: c4, wikitext2 (via datasets), a .txt/.raw/.jsonl/.json.gz file, "
+                        "or pydoc (offline text shipped with Python; default)")
+    c.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
+    c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
+    c.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    c.add_argument("--batch-size", type=int, default=1, help="sequences per layer forward; divides nsamples")
+    c.add_argument("--offload-activations", action="store_true", help="keep layer activations on the CPU")
+    c.add_argument("--measure-error", action="store_true",
+                   help="also collect H to report the true output error of every method (costs time)")
+
+
+def add_scale_options(p: argparse.ArgumentParser, outdir: str) -> argparse._ArgumentGroup:
+    """--stream, --device-map, --offload-dir, --resume, --no-save-state, --deterministic and
+    --no-memory-check (shared by refine and refine-and-export); returns the "scale" group.
+    `outdir` names the checkpoint folder in the help text."""
+    scale = p.add_argument_group("scale (docs/scale.md)")
+    scale.add_argument("--stream", action="store_true",
+                       help="read, refine and write one decoder layer at a time from the safetensors shards "
+                            "(memory-mapped): memory does not grow with depth; needs a safetensors checkpoint")
+    scale.add_argument("--device-map", default=None, metavar="MAP",
+                       help="keep the whole model resident over several devices, placed by accelerate: auto, "
+                            "balanced, balanced_low_0, sequential, or a JSON file {module: device}; each layer "
+                            "is refined on its own device")
+    scale.add_argument("--offload-dir", type=Path, default=None, metavar="DIR",
+                       help="keep the activation buffers in memory-mapped files in DIR (disk offload)")
+    rel = p.add_argument_group("interruption and resources (docs/reliability.md)")
+    rel.add_argument("--resume", action="store_true",
+                     help=f"continue an interrupted run from its last finished layer (state saved per layer in "
+                          f".{outdir}.resume next to {outdir}); refused if any setting differs; same result as an "
+                          "uninterrupted run")
+    rel.add_argument("--no-save-state", dest="save_state", action="store_false",
+                     help="do not save the per-layer resume state (saves one extra copy of the weights on disk)")
+    rel.add_argument("--deterministic", action="store_true",
+                     help="CUDA: deterministic kernels only (torch.use_deterministic_algorithms, fixed cuBLAS "
+                          "workspace, no TF32), for identical bits run to run; the CPU is deterministic anyway")
+    rel.add_argument("--no-memory-check", dest="memory_check", action="store_false",
+                     help="skip the check that the estimated memory (activations, statistics, one layer) fits in "
+                          "what is available before calibration")
+    return scale
+
+
+def scale_job_options(args: argparse.Namespace) -> dict[str, Any]:
+    """RefineJob's fields for the options `add_scale_options` adds."""
+    return {"stream": args.stream, "activations_dir": args.offload_dir, "device_map": device_map_arg(args.device_map),
+            "resume": args.resume, "save_state": args.save_state, "memory_check": args.memory_check,
+            "deterministic": args.deterministic}
+
+
+def prune_config(args: argparse.Namespace) -> Any:
+    """The PruneConfig of the pruning and refinement options."""
+    from dsnot_deploy.algorithms.config import (
+        DSnoTConfig,
+        ExactConfig,
+        MagnitudeScope,
+        Method,
+        PruneConfig,
+        Refinement,
+        SparsityPattern,
+        VarianceKind,
+    )
+
+    if args.pattern is not None:
+        pattern = SparsityPattern.parse(args.pattern)
+    else:
+        pattern = SparsityPattern.unstructured(0.5 if args.sparsity is None else args.sparsity)
+    return PruneConfig(
+        method=Method(args.method),
+        pattern=pattern,
+        refinement=Refinement(args.refine),
+        magnitude_scope=MagnitudeScope(args.magnitude_scope),
+        dsnot=DSnoTConfig(
+            max_cycle_time=args.max_cycle_time,
+            update_threshold=args.update_threshold,
+            pow_of_var_regrowing=args.pow_of_var_regrowing,
+            same_sign=args.same_sign,
+            variance=VarianceKind(args.variance),
+        ),
+        exact=ExactConfig(max_swaps=args.exact_max_swaps, top_k=args.exact_top_k),
+        skip_refine_groups=tuple(args.skip_refine),
+    )
+
+
+def device_map_arg(text: str | None) -> Any:
+    """--device-map: a placement name, or the {module: device} mapping of a JSON file."""
+    if text is None or text in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return text
+    try:
+        value = json.loads(Path(text).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"expected --device-map auto/balanced/balanced_low_0/sequential or a JSON file "
+                             f"{{module: device}}; found {text!r} ({exc})") from None
+    if not isinstance(value, dict):
+        raise UserInputError(f"expected a JSON object {{module: device}} in {text}; found {type(value).__name__}")
+    return value
+
+
+def add_eval_options(p: argparse.ArgumentParser, reduced_note: bool = False) -> None:
+    g = p.add_argument_group("evaluation (llama.cpp)")
+    g.add_argument("--text", default=None,
+                   help="evaluation text: wikitext2, c4, a .txt/.raw/.jsonl/.json.gz file, or pydoc (default)")
+    g.add_argument("--split", default=None, help="dataset split for wikitext2/c4 (default test/validation)")
+    g.add_argument("--protocol", default="llamacpp", choices=["llamacpp", "paper"],
+                   help="llamacpp = llama-perplexity's (second half of each chunk scored, BOS first; default), "
+                        "paper = every position of each chunk")
+    note = " (default 2048; 512 with no MODEL)" if reduced_note else " (default 2048)"
+    g.add_argument("--ctx", type=int, default=None, help="tokens per chunk, n_ctx" + note)
+    note = " (default all; 8 with no MODEL)" if reduced_note else " (default all)"
+    g.add_argument("--max-chunks", type=int, default=None, help="score at most this many chunks" + note)
+    g.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all CPUs)")
+    g.add_argument("--cache-dir", type=Path, default=None,
+                   help="where dense models exported to GGUF are cached (default $XDG_CACHE_HOME/dsnot-deploy/gguf)")
+    gate = p.add_argument_group("gate (exit 1 when one fails)")
+    gate.add_argument("--max-ppl-ratio", type=float, default=None, help="sparse ppl / dense ppl must be <= R")
+    gate.add_argument("--max-ppl-increase", type=float, default=None,
+                      help="sparse ppl - dense ppl (perplexity points) must be <= D")
+    gate.add_argument("--max-kld", type=float, default=None, help="mean KL(dense || sparse) in nats must be <= K")
+    gate.add_argument("--min-top1", type=float, default=None,
+                      help="top-1 agreement, a fraction in [0, 1] (0.9 = 90%%), must be >= A")
+
+
+def gate_config(args: argparse.Namespace) -> Any:
+    """The GateConfig of the gate options."""
+    from dsnot_deploy.evaluation.gate import GateConfig
+
+    return GateConfig(max_ppl_ratio=args.max_ppl_ratio, max_ppl_increase=args.max_ppl_increase,
+                      max_kld=args.max_kld, min_top1=args.min_top1)

@@ -1,0 +1,1 @@
+"""Evaluation in torch and in llama.cpp: perplexity protocols, the llama.cpp loader, child process and runtime, validate, reports."""
