@@ -19,8 +19,6 @@ from dsnot_deploy.sources import textdata  # noqa: E402
 from dsnot_deploy.errors import UserInputError  # noqa: E402
 from dsnot_deploy.sources.textdata import (  # noqa: E402
     TextSource,
-    eval_text,
-    load_documents,
     load_text_source,
     sample_calibration,
     tokenize_eval,
@@ -41,6 +39,15 @@ def tok():
 
 
 # ----------------------------------------------------------------------------- local files
+
+
+def load_documents(source: str, split: str | None = None) -> list[str]:
+    return list(load_text_source(source, split).documents)
+
+
+def eval_text(source: str | TextSource, protocol: str) -> str:
+    loaded = source if isinstance(source, TextSource) else load_text_source(source)
+    return loaded.eval_text(protocol)
 
 
 def test_txt_is_one_document_and_raw_text_is_exact(tmp_path):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from dsnot_deploy.algorithms.config import DSnoTConfig, SparsityPattern
-from dsnot_deploy.algorithms.masks import check_shape, wanda_scores
+from dsnot_deploy.algorithms.masks import wanda_scores, working_copies
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,7 @@ def dsnot_refine(
     config: DSnoTConfig = DSnoTConfig(),
 ) -> RefineResult:
     """Refine `mask` of one Linear. `dense`/`sparse`: (rows, cols); statistics: (cols,)."""
-    check_shape(dense.shape, pattern)
-    Wd = dense.detach().float()
-    Ws = sparse.detach().float().clone()
-    mask = mask.clone()
+    Wd, Ws, mask = working_copies(dense, sparse, mask, pattern)
     rows, cols = Wd.shape
     dev = Wd.device
     t = tokensum.float().to(dev)

@@ -13,7 +13,7 @@ import torch
 
 from dsnot_deploy.algorithms.config import ExactConfig, SparsityPattern
 from dsnot_deploy.algorithms.dsnot import RefineResult
-from dsnot_deploy.algorithms.masks import check_shape
+from dsnot_deploy.algorithms.masks import working_copies
 
 
 def row_errors(dense: torch.Tensor, sparse: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -68,10 +68,7 @@ def exact_refine(
     the pool holds the `pool` groups with the best pair, rebuilt the same way.  Acceptance always
     uses the exact current dE of the pair, so a stale pool can only cost swaps, never raise E.
     """
-    check_shape(dense.shape, pattern)
-    Wd = dense.detach().float()
-    Ws = sparse.detach().float().clone()
-    mask = mask.clone()
+    Wd, Ws, mask = working_copies(dense, sparse, mask, pattern)
     rows, cols = Wd.shape
     dev = Wd.device
     H = hessian.detach().float().to(dev)  # (cols, cols), symmetric

@@ -20,6 +20,14 @@ def check_shape(weight_shape: torch.Size | tuple[int, ...], pattern: SparsityPat
         )
 
 
+def working_copies(dense: torch.Tensor, sparse: torch.Tensor, mask: torch.Tensor,
+                   pattern: SparsityPattern) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a mask refinement works on, after checking the shape: float32 dense weights (rows, cols)
+    and its own copies of the sparse weights and the mask."""
+    check_shape(dense.shape, pattern)
+    return dense.detach().float(), sparse.detach().float().clone(), mask.clone()
+
+
 def wanda_scores(weight: torch.Tensor, sqnorm: torch.Tensor) -> torch.Tensor:
     """S_ij = |W_ij| * sqrt(sqnorm_j), float32, (rows, cols)."""
     return weight.float().abs() * sqnorm.float().sqrt().unsqueeze(0)

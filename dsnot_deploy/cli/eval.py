@@ -9,6 +9,7 @@ from typing import Any
 
 from dsnot_deploy.cli.common import EXIT_OK
 from dsnot_deploy.cli.options import add_device_options
+from dsnot_deploy.protocols import PROTOCOLS
 
 
 def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -18,7 +19,7 @@ def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     e.add_argument("model", help="HF model id, local checkpoint dir, .gguf file, or alias smollm2-135m")
     e.add_argument("--text", default="pydoc", help="wikitext2, c4, a local file, or pydoc (default)")
     e.add_argument("--split", default=None, help="dataset split for wikitext2/c4 (default test/validation)")
-    e.add_argument("--protocol", default="paper", choices=["paper", "llamacpp"])
+    e.add_argument("--protocol", default="paper", choices=list(PROTOCOLS))
     e.add_argument("--seqlen", type=int, default=2048, help="chunk length (n_ctx for llamacpp; default 2048)")
     e.add_argument("--max-chunks", type=int, default=None, help="score at most this many chunks")
     e.add_argument("--json", type=Path, default=None, help="write the result as JSON here")

@@ -58,7 +58,12 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
 
 def run_export(args: argparse.Namespace) -> int:
     from converters.gguf_export import ExportConfig, export_gguf, report_path
-    from dsnot_deploy.atomic import check_output_file, remove_stale_temporaries, remove_tree, temporary_path
+    from dsnot_deploy.atomic import (
+        check_output_file,
+        remove_stale_temporaries,
+        remove_tree,
+        temporary_path,
+    )
     from dsnot_deploy.sources.materialize import save_as_checkpoint
     from dsnot_deploy.sources.naming import naming_of
     from dsnot_deploy.sources.specs import resolve_model_source

@@ -10,6 +10,7 @@ from typing import Any
 
 from dsnot_deploy.cli.common import add_logging_options
 from dsnot_deploy.errors import UserInputError
+from dsnot_deploy.protocols import PROTOCOLS
 
 
 def add_device_options(p: argparse.ArgumentParser) -> None:
@@ -152,7 +153,7 @@ def add_eval_options(p: argparse.ArgumentParser, reduced_note: bool = False) -> 
     g.add_argument("--text", default=None,
                    help="evaluation text: wikitext2, c4, a .txt/.raw/.jsonl/.json.gz file, or pydoc (default)")
     g.add_argument("--split", default=None, help="dataset split for wikitext2/c4 (default test/validation)")
-    g.add_argument("--protocol", default="llamacpp", choices=["llamacpp", "paper"],
+    g.add_argument("--protocol", default="llamacpp", choices=list(PROTOCOLS),
                    help="llamacpp = llama-perplexity's (second half of each chunk scored, BOS first; default), "
                         "paper = every position of each chunk")
     note = " (default 2048; 512 with no MODEL)" if reduced_note else " (default 2048)"
@@ -177,3 +178,17 @@ def gate_config(args: argparse.Namespace) -> Any:
 
     return GateConfig(max_ppl_ratio=args.max_ppl_ratio, max_ppl_increase=args.max_ppl_increase,
                       max_kld=args.max_kld, min_top1=args.min_top1)
+
+
+def refine_job(args: argparse.Namespace, model: str, outdir: Path, nsamples: int, seqlen: int,
+               scale: dict[str, Any] | None = None) -> Any:
+    """The one RefineJob of a command's options (refine, its dry run, refine-and-export)."""
+    from dsnot_deploy.layerwise.refine import CalibrationConfig, RefineJob
+
+    return RefineJob(
+        model=model, outdir=outdir, prune=prune_config(args),
+        calibration=CalibrationConfig(args.calib, nsamples, seqlen, args.seed), dtype=args.dtype,
+        device=args.device, batch_size=args.batch_size, offload_activations=args.offload_activations,
+        measure_error=args.measure_error, force=args.force, progress=not args.quiet,
+        **(scale_job_options(args) if scale is None else scale),
+    )

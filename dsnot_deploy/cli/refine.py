@@ -12,9 +12,7 @@ from dsnot_deploy.cli.options import (
     add_device_options,
     add_refine_options,
     add_scale_options,
-    device_map_arg,
-    prune_config,
-    scale_job_options,
+    refine_job,
 )
 
 
@@ -36,24 +34,11 @@ def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
 
 
 def _cmd_refine(args: argparse.Namespace) -> int:
-    from dsnot_deploy.layerwise.refine import CalibrationConfig, RefineJob, refine
+    from dsnot_deploy.layerwise.refine import refine
 
+    job = refine_job(args, args.model, args.outdir, args.nsamples, args.seqlen)
     if args.dry_run:
-        return _cmd_refine_dry_run(args)
-    job = RefineJob(
-        model=args.model,
-        outdir=args.outdir,
-        prune=prune_config(args),
-        calibration=CalibrationConfig(args.calib, args.nsamples, args.seqlen, args.seed),
-        dtype=args.dtype,
-        device=args.device,
-        batch_size=args.batch_size,
-        offload_activations=args.offload_activations,
-        measure_error=args.measure_error,
-        force=args.force,
-        progress=not args.quiet,
-        **scale_job_options(args),
-    )
+        return _cmd_refine_dry_run(args, job)
     manifest = refine(job)
     s = manifest["sparsity"]
     print(
@@ -71,20 +56,14 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_refine_dry_run(args: argparse.Namespace) -> int:
+def _cmd_refine_dry_run(args: argparse.Namespace, job: Any) -> int:
+    """``job`` was built (and so validated) exactly as a real run's."""
     from dsnot_deploy.layerwise.estimate import (
         RunShape,
         estimate_for_spec,
         format_estimate,
     )
-    from dsnot_deploy.layerwise.refine import CalibrationConfig, RefineJob
-
-    device_map = device_map_arg(args.device_map)
-    # the same validation as a real run (batch size, dtype, CUDA present, stream vs device map)
-    RefineJob(model=args.model, outdir=args.outdir, prune=prune_config(args),
-              calibration=CalibrationConfig(args.calib, args.nsamples, args.seqlen, args.seed), dtype=args.dtype,
-              device=args.device, batch_size=args.batch_size, stream=args.stream, activations_dir=args.offload_dir,
-              device_map=device_map)
+    device_map = job.device_map
     n_devices = 1
     if device_map is not None:
         import torch
@@ -95,5 +74,5 @@ def _cmd_refine_dry_run(args: argparse.Namespace) -> int:
     run = RunShape(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, dtype=args.dtype,
                    device=args.device, stream=args.stream, activations=activations, n_devices=n_devices,
                    measure_error=args.measure_error)
-    print(format_estimate(estimate_for_spec(args.model, run, prune_config(args))))
+    print(format_estimate(estimate_for_spec(args.model, run, job.prune)))
     return EXIT_OK

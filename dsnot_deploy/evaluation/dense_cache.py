@@ -118,8 +118,7 @@ def export_qtype(sparse: Path, info: Any) -> str:
             data = json.loads(record.read_text())
         except (OSError, ValueError):
             data = {}
-        for key in ("qtype", "type"):
-            value = data.get(key) or (data.get("config") or {}).get(key)
-            if isinstance(value, str) and value:
-                return value
+        value = data.get("type")  # the exporter's report: {"type": "Q8_0", ...}
+        if isinstance(value, str) and value:
+            return value
     return info.file_type_name

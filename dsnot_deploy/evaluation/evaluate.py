@@ -12,6 +12,7 @@ from dsnot_deploy import __version__
 from dsnot_deploy.atomic import atomic_write_bytes
 from dsnot_deploy.errors import UserInputError
 from dsnot_deploy.evaluation.perplexity import perplexity_llamacpp, perplexity_paper
+from dsnot_deploy.protocols import PAPER, parse_protocol
 from dsnot_deploy.sources.models import DTYPES, load_model
 from dsnot_deploy.sources.textdata import load_text_source, tokenize_eval
 
@@ -22,7 +23,7 @@ class EvalJob:
     model: str
     text: str = "pydoc"
     split: str | None = None
-    protocol: str = "paper"
+    protocol: str = PAPER
     seqlen: int = 2048
     max_chunks: int | None = None
     device: str = "cpu"
@@ -31,8 +32,7 @@ class EvalJob:
     json_path: Path | None = None
 
     def __post_init__(self) -> None:
-        if self.protocol not in ("paper", "llamacpp"):
-            raise UserInputError(f"protocol must be paper or llamacpp; got {self.protocol!r}")
+        parse_protocol(self.protocol)
         if self.max_chunks is not None and self.max_chunks < 1:
             raise UserInputError(f"max_chunks must be >= 1; got {self.max_chunks}")
         if self.json_path is not None and not Path(self.json_path).absolute().parent.is_dir():
@@ -43,7 +43,7 @@ def perplexity_of(model: Any, tokenizer: Any, text: str, protocol: str, seqlen: 
                   max_chunks: int | None, device: str, progress: bool):
     """Tokenize `text` once and score it with `protocol` (shared by eval and the benchmarks)."""
     ids = tokenize_eval(tokenizer, text)
-    if protocol == "paper":
+    if protocol == PAPER:
         return perplexity_paper(model, ids, seqlen, max_chunks=max_chunks, device=device, progress=progress)
     # llama.cpp replaces each chunk's first token by BOS only when the vocab adds one
     bos = tokenizer.bos_token_id

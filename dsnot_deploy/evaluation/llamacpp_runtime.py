@@ -27,6 +27,7 @@ import numpy as np
 
 from converters.gguf_info import check_gguf_file, read_gguf_info
 from dsnot_deploy.errors import UserInputError
+from dsnot_deploy.protocols import LLAMACPP, parse_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -50,23 +51,20 @@ class ScoringPlan:
     bos_id: int | None
 
     def __post_init__(self) -> None:
-        if self.protocol not in ("paper", "llamacpp"):
-            raise UserInputError(f"expected a protocol in ('paper', 'llamacpp'), found {self.protocol!r}")
+        parse_protocol(self.protocol, "a protocol")
         if not 0 <= self.first <= self.ctx - 2:
             raise UserInputError(f"expected 0 <= first <= ctx - 2, found first={self.first}, ctx={self.ctx}")
 
     @classmethod
     def for_protocol(cls, protocol: str, ctx: int, bos_id: int | None) -> ScoringPlan:
         """The plan of ``protocol`` for chunks of ``ctx`` tokens; ``bos_id`` is used by llamacpp only."""
-        if protocol == "llamacpp":
+        if parse_protocol(protocol, "a protocol") == LLAMACPP:
             if ctx < 3:
                 raise UserInputError(f"expected ctx >= 3 for the llamacpp protocol, found {ctx}")
             return cls(protocol, ctx, ctx // 2, bos_id)
-        if protocol == "paper":
-            if ctx < 2:
-                raise UserInputError(f"expected ctx >= 2 for the paper protocol, found {ctx}")
-            return cls(protocol, ctx, 0, None)
-        raise UserInputError(f"expected a protocol in ('paper', 'llamacpp'), found {protocol!r}")
+        if ctx < 2:
+            raise UserInputError(f"expected ctx >= 2 for the paper protocol, found {ctx}")
+        return cls(protocol, ctx, 0, None)
 
     @property
     def scored_per_chunk(self) -> int:
@@ -185,11 +183,6 @@ class GGUFModel:
         import llama_cpp
 
         return int(llama_cpp.llama_vocab_bos(self._vocab()))
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        """The metadata as llama.cpp reads it (every value as a string; arrays are omitted)."""
-        return dict(self._open().metadata)
 
     def tokenize(self, text: str) -> np.ndarray:
         """``text`` tokenized whole as llama-perplexity does (BOS added if the vocab adds it, special

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dsnot_deploy.errors import UserInputError
+from dsnot_deploy.protocols import LLAMACPP, PAPER
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def perplexity_paper(
     if seqlen < 2:
         raise UserInputError(f"expected seqlen >= 2 (one prediction needs two tokens), found {seqlen}")
     return _run_chunks(
-        protocol="paper",
+        protocol=PAPER,
         model=model,
         ids=ids,
         ctx=seqlen,
@@ -103,7 +104,7 @@ def perplexity_llamacpp(
     if n_ctx < 3:
         raise UserInputError(f"expected n_ctx >= 3 (the scored second half must hold a prediction), found {n_ctx}")
     return _run_chunks(
-        protocol="llamacpp",
+        protocol=LLAMACPP,
         model=model,
         ids=ids,
         ctx=n_ctx,

@@ -32,10 +32,10 @@ from dsnot_deploy.errors import UserInputError
 from dsnot_deploy.evaluation.dense_cache import dense_gguf_for, export_qtype
 from dsnot_deploy.evaluation.gate import GateConfig
 from dsnot_deploy.evaluation.logit_metrics import compare_logits
+from dsnot_deploy.protocols import LLAMACPP, parse_protocol
 
 logger = logging.getLogger(__name__)
 
-PROTOCOLS = ("llamacpp", "paper")
 
 
 
@@ -58,7 +58,7 @@ class ValidateConfig:
     dense: str
     text: str = "pydoc"
     split: str | None = None
-    protocol: str = "llamacpp"
+    protocol: str = LLAMACPP
     ctx: int = 2048
     max_chunks: int | None = None
     gate: GateConfig = field(default_factory=GateConfig)
@@ -68,9 +68,8 @@ class ValidateConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise UserInputError(f"expected --protocol in {PROTOCOLS}, found {self.protocol!r}")
-        minimum = 3 if self.protocol == "llamacpp" else 2
+        parse_protocol(self.protocol)
+        minimum = 3 if self.protocol == LLAMACPP else 2
         if self.ctx < minimum:
             raise UserInputError(f"expected --ctx >= {minimum} for the {self.protocol} protocol, found {self.ctx}")
         if self.max_chunks is not None and self.max_chunks < 1:
@@ -166,7 +165,7 @@ def _score_in_child(reporter: Any, job: _ChildJob) -> None:
                                      f"{sparse.n_vocab} (sparse)")
             reporter.phase("tokenizing with", job.sparse, job.sparse_qtype)
             ids = sparse.tokenize(job.text)
-            bos = sparse.bos_id if (job.protocol == "llamacpp" and sparse.adds_bos) else None
+            bos = sparse.bos_id if (job.protocol == LLAMACPP and sparse.adds_bos) else None
             plan = ScoringPlan.for_protocol(job.protocol, job.ctx, bos)
             n_chunks = plan.n_chunks(int(ids.shape[0]), job.max_chunks)
             reporter.send("plan", ids, plan, n_chunks)
@@ -306,7 +305,7 @@ def torch_reference(checkpoint: Path, ids: np.ndarray, plan: Any, n_chunks: int,
 
     loaded = load_model(str(checkpoint))
     tensor = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-    if plan.protocol == "llamacpp":
+    if plan.protocol == LLAMACPP:
         res = perplexity_llamacpp(loaded.model, tensor, plan.ctx, plan.bos_id, max_chunks=n_chunks, progress=progress)
     else:
         res = perplexity_paper(loaded.model, tensor, plan.ctx, max_chunks=n_chunks, progress=progress)

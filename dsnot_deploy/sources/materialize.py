@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
 def save_as_checkpoint(spec: str, outdir: Path) -> Path:
     """Load ``spec`` (an alias or GGUF is dequantized, a Hub id fetched) and save it as a plain HF
     checkpoint in ``outdir`` (written atomically); return ``outdir``."""

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from dsnot_deploy.errors import UserInputError
+from dsnot_deploy.protocols import LLAMACPP, parse_protocol
 
 logger = logging.getLogger(__name__)
 
-PROTOCOLS: tuple[str, ...] = ("paper", "llamacpp")
 
 NAMED_SOURCES: tuple[str, ...] = ("pydoc", "c4", "wikitext2")
 
@@ -59,9 +59,14 @@ class TextSource:
     is_rows: bool = False
 
     def eval_text(self, protocol: str) -> str:
-        """The one string to score under ``protocol`` (see :func:`eval_text`)."""
-        _check_protocol(protocol)
-        if protocol == "llamacpp" and self.raw_text is not None:
+        """The one string to score for perplexity under ``protocol``.
+
+        ``"paper"``: the documents joined by ``"\\n\\n"`` (for WikiText this is the HF rows joined,
+        exactly the Wanda/SparseGPT text). ``"llamacpp"``: the file text exactly as stored for local
+        ``.txt`` / ``.raw`` files (what ``llama-perplexity -f`` reads), otherwise the ``"\\n\\n"`` join.
+        """
+        parse_protocol(protocol, "a perplexity protocol")
+        if protocol == LLAMACPP and self.raw_text is not None:
             return self.raw_text
         return "\n\n".join(self.documents)
 
@@ -94,29 +99,6 @@ def load_text_source(source: str, split: str | None = None) -> TextSource:
         )
     logger.info("text source %s: %d documents", loaded.name, len(loaded.documents))
     return loaded
-
-
-def load_documents(source: str, split: str | None = None) -> list[str]:
-    """The documents of a text source (see :func:`load_text_source`)."""
-    return list(load_text_source(source, split).documents)
-
-
-def eval_text(source: str | TextSource, protocol: str) -> str:
-    """The single string to score for perplexity.
-
-    ``"paper"``: the documents joined by ``"\\n\\n"`` (for WikiText this is the HF rows joined,
-    exactly the Wanda/SparseGPT text). ``"llamacpp"``: the file text exactly as stored for local
-    ``.txt`` / ``.raw`` files (what ``llama-perplexity -f`` reads), otherwise the ``"\\n\\n"`` join.
-    ``source`` is a name/path (loaded with the default split) or an already loaded TextSource.
-    """
-    _check_protocol(protocol)
-    loaded = source if isinstance(source, TextSource) else load_text_source(source)
-    return loaded.eval_text(protocol)
-
-
-def _check_protocol(protocol: str) -> None:
-    if protocol not in PROTOCOLS:
-        raise UserInputError(f"expected a perplexity protocol in {PROTOCOLS}, found {protocol!r}")
 
 
 def _load_pydoc() -> TextSource:
