@@ -30,6 +30,7 @@ import numpy as np
 
 from dsnot_deploy.atomic import atomic_dir
 from dsnot_deploy.errors import UserInputError
+from dsnot_deploy.progress import Progress, track
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +163,9 @@ def _copy_other_files(src: Path, dst: Path) -> None:
 
 
 def pack_bitmask_checkpoint(ckpt: Path, outdir: Path, *, structure: str = "sparse-bitmask", force: bool = False,
-                            progress: bool = False) -> dict[str, Any]:
+                            progress: Progress = False) -> dict[str, Any]:
     """Write `outdir`: `ckpt` with its sparse 2-D weights in the legacy bitmask layout."""
     from safetensors.torch import save_file
-    from tqdm import tqdm
 
     if structure not in FORMATS:
         raise UserInputError(f"format must be one of {FORMATS}, found {structure!r}")
@@ -177,7 +177,7 @@ def pack_bitmask_checkpoint(ckpt: Path, outdir: Path, *, structure: str = "spars
     out: dict[str, Any] = {}
     targets: list[str] = []
     zeros = total = before = 0
-    for name in tqdm(sorted(state), desc=structure, disable=not progress):
+    for name in track(progress, sorted(state), structure):
         t = state[name].contiguous()
         before += t.numel() * t.element_size()
         parts = compress_weight(t, structure) if is_linear_weight(name, t) else None
@@ -213,10 +213,9 @@ def pack_bitmask_checkpoint(ckpt: Path, outdir: Path, *, structure: str = "spars
     return {"compressed_tensors": len(targets), "bytes_before": before, "bytes_after": after}
 
 
-def unpack_bitmask_checkpoint(ckpt: Path, outdir: Path, *, force: bool = False, progress: bool = False) -> int:
+def unpack_bitmask_checkpoint(ckpt: Path, outdir: Path, *, force: bool = False, progress: Progress = False) -> int:
     """Write `outdir`: the dense-with-zeros checkpoint of a sparse-bitmask / sparse-24-bitmask one."""
     from safetensors.torch import save_file
-    from tqdm import tqdm
 
     ckpt, outdir = Path(ckpt), Path(outdir)
     config = _read_config(ckpt)
@@ -229,7 +228,7 @@ def unpack_bitmask_checkpoint(ckpt: Path, outdir: Path, *, force: bool = False, 
     prefixes = sorted(k[: -len(".bitmask")] for k in state if k.endswith(".bitmask"))
     out: dict[str, Any] = {}
     used: set[str] = set()
-    for prefix in tqdm(prefixes, desc="unpack", disable=not progress):
+    for prefix in track(progress, prefixes, "unpack"):
         parts = {s: state[f"{prefix}.{s}"] for s in SUFFIXES if f"{prefix}.{s}" in state}
         used.update(f"{prefix}.{s}" for s in parts)
         name = f"{prefix}.weight"

@@ -36,8 +36,15 @@ from dsnot_deploy.atomic import (
     temporary_path,
 )
 from dsnot_deploy.errors import UnsupportedModelError, UserInputError
+from dsnot_deploy.progress import Progress, open_bar
 
 from .gguf_arch import ArchSpec, find_arch, llama3_rope_factors, needs_rope_freqs
+from .gguf_metadata import (
+    NAMING_WRITERS,
+    manifest_summary,
+    naming_keys,
+    write_dsnot_metadata,
+)
 from .gguf_tokenizer import (
     build_vocab,
     detect_pre,
@@ -69,7 +76,7 @@ class ExportConfig:
     imatrix: str = "auto"
     allow_zero_loss: bool = False
     force: bool = False
-    progress: bool = True
+    progress: Progress = True  # a bar factory (dsnot_deploy.progress), True for terminal bars, False
     tokenizer_pre: str | None = None  # None: detect by asking llama.cpp (see gguf_tokenizer)
     threads: int = 0  # llama.cpp quantizer threads; 0 = all cores
     # general.* naming keys (name, basename, finetune, organization, size_label, license, version) of the
@@ -201,72 +208,19 @@ def _is_sparse(ckpt: HFCheckpoint, spec: ArchSpec) -> bool:
     return size > 0 and zeros / size >= SPARSE_ZERO_FRACTION
 
 
-def _dsnot_metadata(w: gguf.GGUFWriter, manifest: dict[str, Any] | None) -> None:
-    w.add_string("dsnot.export.version", __version__)
-    if manifest is None:
-        return
-    w.add_string("dsnot.tool_version", str(manifest.get("tool", {}).get("version", "")))
-    w.add_string("dsnot.method", str(manifest.get("method", "")))
-    w.add_string("dsnot.refinement", str(manifest.get("refinement", "")))
-    pattern = manifest.get("pattern", {})
-    kind = "unstructured" if pattern.get("kind") != "n:m" else f"{pattern.get('n')}:{pattern.get('m')}"
-    w.add_string("dsnot.pattern", kind)
-    if pattern.get("target_sparsity") is not None:
-        w.add_float32("dsnot.sparsity", float(pattern["target_sparsity"]))
-    sparsity = manifest.get("sparsity", {})
-    if "pruned_linears" in sparsity:
-        w.add_float32("dsnot.sparsity.achieved", float(sparsity["pruned_linears"]))
-    per_layer = [float(layer["sparsity"]) for layer in sparsity.get("per_layer", [])]
-    if per_layer:
-        w.add_array("dsnot.sparsity.per_layer", per_layer)
-    for key, value in (manifest.get("calibration") or {}).items():
-        if isinstance(value, bool | int | float | str) and not isinstance(value, bool):
-            if isinstance(value, str):
-                w.add_string(f"dsnot.calibration.{key}", value)
-            elif isinstance(value, int):
-                w.add_uint32(f"dsnot.calibration.{key}", value) if value >= 0 else w.add_int32(
-                    f"dsnot.calibration.{key}", value)
-            else:
-                w.add_float32(f"dsnot.calibration.{key}", float(value))
-    source = manifest.get("model", {}).get("source")
-    if source:
-        w.add_string("dsnot.model.source", str(source))
-
-
-_NAMING_WRITERS = {"name": "add_name", "basename": "add_basename", "finetune": "add_finetune",
-                   "organization": "add_organization", "size_label": "add_size_label", "license": "add_license",
-                   "version": "add_version"}
-
-
-def _naming(ckpt: HFCheckpoint, given: tuple[tuple[str, str], ...] | None, n_params: int) -> dict[str, str]:
-    """The general.* naming keys: the source's as recorded by refine, else ``given``, else config.json's
-    ``_name_or_path`` (a Hub id) or the folder name; the size label from the parameter count when
-    the source has none (llama.cpp's rule: 135M, 1.2B, ...)."""
-    naming = dict(((ckpt.manifest or {}).get("model") or {}).get("naming") or {}) or dict(given or ())
-    if not naming.get("name"):
-        origin = str(ckpt.config.get("_name_or_path") or "")
-        naming["name"] = origin.split("/")[-1] if origin.count("/") == 1 and not origin.startswith(("/", ".")) \
-            else ckpt.root.resolve().name
-    if not naming.get("size_label"):
-        naming["size_label"] = gguf.size_label(n_params, 0, 0, 0)
-    return {k: str(v) for k, v in naming.items() if k in _NAMING_WRITERS and v}
-
-
 def _write_gguf(
     path: Path, ckpt: HFCheckpoint, spec: ArchSpec, plan: _Plan, vocab: Any, pre: str | None, ftype: int,
-    progress: bool, naming: dict[str, str],
+    progress: Progress, naming: dict[str, str],
 ) -> None:
-    from tqdm import tqdm
-
     w = gguf.GGUFWriter(path, spec.name)
     try:
         for key, value in naming.items():
-            getattr(w, _NAMING_WRITERS[key])(value)
+            getattr(w, NAMING_WRITERS[key])(value)
         w.add_file_type(int(ftype))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         spec.write_hparams(w, ckpt.text_config)
         write_vocab(w, vocab, pre)
-        _dsnot_metadata(w, ckpt.manifest)
+        write_dsnot_metadata(w, ckpt.manifest)
         for t in plan.tensors:
             block, type_size = gguf.GGML_QUANT_SIZES[t.qtype]
             byte_shape = (*t.shape[:-1], t.shape[-1] // block * type_size)
@@ -274,12 +228,13 @@ def _write_gguf(
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        bar = tqdm(plan.tensors, desc="writing tensors", unit="tensor", disable=not progress)
-        for t in bar:
-            data = _encode(_source_values(ckpt, spec, t), t.qtype)
-            if data.nbytes != t.nbytes:
-                raise AssertionError(f"{t.gguf_name}: planned {t.nbytes} bytes, encoded {data.nbytes}")
-            w.write_tensor_data(data)
+        with open_bar(progress, "writing tensors", len(plan.tensors), unit="tensor") as bar:
+            for t in plan.tensors:
+                data = _encode(_source_values(ckpt, spec, t), t.qtype)
+                if data.nbytes != t.nbytes:
+                    raise AssertionError(f"{t.gguf_name}: planned {t.nbytes} bytes, encoded {data.nbytes}")
+                w.write_tensor_data(data)
+                bar.update(1)
         w.fout[0].flush()
         os.fsync(w.fout[0].fileno())
     finally:
@@ -347,7 +302,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
     try:
         # the file type of what is streamed: the final type, or the float carrier llama.cpp quantizes from
         ftype = _CARRIER_FTYPES.get(weight_type, otype.ftype) if otype.via_llamacpp else otype.ftype
-        naming = _naming(ckpt, config.naming, _param_count(plan))
+        naming = naming_keys(ckpt, config.naming, _param_count(plan))
         _write_gguf(first, ckpt, spec, plan, vocab, pre, ftype, config.progress, naming)
         if otype.via_llamacpp:
             llamacpp_quantize(first, final, int(otype.ftype), imatrix=imatrix or None, overrides=otype.overrides,
@@ -379,7 +334,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
             "fallback_tensors": [t.gguf_name for t in plan.tensors if t.fallback],
             "imatrix": {"source": imatrix_source, "entries": len(imatrix)},
             "sparse_input": sparse,
-            "manifest": _manifest_summary(ckpt.manifest),
+            "manifest": manifest_summary(ckpt.manifest),
             "tokenizer": {
                 "model": vocab.model,
                 "pre": pre,
@@ -408,13 +363,6 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
 
 def _param_count(plan: _Plan) -> int:
     return sum(int(np.prod(t.shape)) for t in plan.tensors)
-
-
-def _manifest_summary(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
-    if manifest is None:
-        return None
-    return {k: manifest.get(k) for k in ("method", "refinement", "pattern", "calibration")} | {
-        "sparsity": (manifest.get("sparsity") or {}).get("pruned_linears")}
 
 
 def _versions() -> dict[str, str]:

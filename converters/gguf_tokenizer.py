@@ -202,8 +202,8 @@ def usable_probes(tokenizer: Any, texts: Sequence[str] = PROBE_TEXTS) -> list[st
 
 def tokenization_mismatches(gguf_path: Path, tokenizer: Any, texts: Sequence[str] | None = None) -> list[str]:
     """The probe texts that llama.cpp (vocab only) tokenizes differently from the HF tokenizer."""
+    from converters.llamacpp_loader import open_llama
     from dsnot_deploy.errors import DsnotError
-    from dsnot_deploy.evaluation.llamacpp_loader import open_llama
 
     if importlib.util.find_spec("llama_cpp") is None:
         raise DsnotError("llama-cpp-python is needed to check tokenization: it is not installed")

@@ -130,7 +130,7 @@ def _checkpoint_name(model: str) -> str:
 def _validate(config: PipelineConfig, checkpoint: Path, manifest: dict[str, Any],
               export_report: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
     from dsnot_deploy.evaluation.dense_cache import dense_gguf_for
-    from dsnot_deploy.evaluation.report import build_report
+    from dsnot_deploy.evaluation.report import build_report, settings_of
     from dsnot_deploy.evaluation.validate import run_validation
 
     qtype = config.export.qtype
@@ -142,7 +142,7 @@ def _validate(config: PipelineConfig, checkpoint: Path, manifest: dict[str, Any]
     result, context = run_validation(validate)
     context["dense_origin"] = {"kind": "exported", "model": model, "gguf": str(dense_path), "qtype": qtype}
     checks = validate.gate.check(result)
-    settings = {**_settings(validate), **config.settings}
+    settings = {**settings_of(validate), **config.settings}
     extra = {"refine": {"manifest_sparsity": manifest["sparsity"], "method": manifest["method"],
                         "refinement": manifest["refinement"], "times": manifest["times"],
                         "checkpoint": str(checkpoint) if config.keep_checkpoint else None},
@@ -155,11 +155,6 @@ def _write_reports(report: dict[str, Any], config: PipelineConfig) -> None:
 
     paths = config.reports
     write_all(report, paths.json, paths.markdown, paths.plot, config.export.force)
-
-
-def _settings(config: Any) -> dict[str, Any]:
-    out = dataclasses.asdict(config)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
 
 
 def _export_summary(report: Any) -> Any:

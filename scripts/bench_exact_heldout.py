@@ -20,11 +20,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsnot_deploy.layerwise.capture import capture_layer_inputs  # noqa: E402
 from dsnot_deploy.algorithms.config import ExactConfig, PruneConfig, SparsityPattern  # noqa: E402
-from dsnot_deploy.layerwise.driver import DriverConfig, _calibrate, _linears, _run_layer  # noqa: E402
 from dsnot_deploy.algorithms.exact import exact_refine, row_errors  # noqa: E402
 from dsnot_deploy.algorithms.masks import wanda_mask  # noqa: E402
+from dsnot_deploy.layerwise.capture import capture_layer_inputs  # noqa: E402
+from dsnot_deploy.layerwise.driver import DriverConfig, _calibrate, _linears, _run_layer  # noqa: E402
 from dsnot_deploy.sources.models import find_decoder_layers, load_model  # noqa: E402
 from dsnot_deploy.sources.textdata import load_text_source, sample_calibration  # noqa: E402
 

@@ -67,7 +67,7 @@ def wikitext_ids(tokenizer) -> torch.Tensor:
 
 
 def llamacpp_ppl(path: Path, ids: torch.Tensor, n_ctx: int, chunks: int, bos: int | None) -> tuple[float, float]:
-    from dsnot_deploy.evaluation.llamacpp_loader import open_llama
+    from converters.llamacpp_loader import open_llama
 
     llm = open_llama(path, n_ctx=n_ctx, logits_all=True)
     try:

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsnot_deploy.evaluation.llamacpp_loader import (  # noqa: E402
+from converters.llamacpp_loader import (  # noqa: E402
     EXTRA_BUFTS_ENV,
     build_features,
     cpu_flags,

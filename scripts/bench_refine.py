@@ -27,11 +27,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsnot_deploy.algorithms.config import DSnoTConfig, Method, PruneConfig, Refinement, SparsityPattern, VarianceKind  # noqa: E402
+from dsnot_deploy.algorithms.config import (  # noqa: E402
+    DSnoTConfig,
+    Method,
+    PruneConfig,
+    Refinement,
+    SparsityPattern,
+    VarianceKind,
+)
+from dsnot_deploy.evaluation.perplexity import perplexity_paper  # noqa: E402
 from dsnot_deploy.layerwise.driver import DriverConfig, run_layers  # noqa: E402
 from dsnot_deploy.sources.models import find_decoder_layers, load_model  # noqa: E402
-from dsnot_deploy.evaluation.perplexity import perplexity_paper  # noqa: E402
-from dsnot_deploy.sources.textdata import load_text_source, sample_calibration, tokenize_eval  # noqa: E402
+from dsnot_deploy.sources.textdata import (  # noqa: E402
+    load_text_source,
+    sample_calibration,
+    tokenize_eval,
+)
 
 SHARED = ROOT.parent / "shared" / "data"
 log = logging.getLogger("bench_refine")

@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from converters.gguf_info import read_gguf_info  # noqa: E402
-from dsnot_deploy.evaluation.report import versions  # noqa: E402
 from dsnot_deploy.evaluation.dense_cache import dense_gguf_for  # noqa: E402
+from dsnot_deploy.evaluation.report import versions  # noqa: E402
 from dsnot_deploy.evaluation.validate import ValidateConfig, run_validation  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -85,7 +85,7 @@ def minimal_loop(path: Path, text: str, ctx: int, chunks: int, threads: int) -> 
     """llama-perplexity's protocol with llama-cpp-python's high-level API and every logit kept."""
     import llama_cpp
 
-    from dsnot_deploy.evaluation.llamacpp_loader import open_llama
+    from converters.llamacpp_loader import open_llama
 
     llm = open_llama(path, n_ctx=ctx, n_threads=threads, logits_all=True)
     try:

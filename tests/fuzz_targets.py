@@ -74,7 +74,8 @@ def build_seed_gguf(path: Path) -> Path:
 
 
 def build_seed_pack(gguf_path: Path, path: Path) -> Path:
-    from converters.sparse_pack import FAST_LEVELS, PackLevels, pack_gguf
+    from converters.pack_records import FAST_LEVELS, PackLevels
+    from converters.sparse_pack import pack_gguf
 
     pack_gguf(gguf_path, path, levels=PackLevels(**FAST_LEVELS))
     return path
@@ -364,7 +365,8 @@ def target_gguf_info(path: Path) -> None:
 
 def target_pack(path: Path) -> None:
     """`pack FILE.gguf`: on success the pack must unpack to the input's exact bytes."""
-    from converters.sparse_pack import FAST_LEVELS, PackLevels, pack_gguf, unpack
+    from converters.pack_records import FAST_LEVELS, PackLevels
+    from converters.sparse_pack import pack_gguf, unpack
 
     out = path.with_suffix(".fuzzpack")
     back = path.with_suffix(".back")

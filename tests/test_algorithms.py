@@ -7,13 +7,19 @@ import math
 import pytest
 import torch
 
-from dsnot_deploy.algorithms.config import DSnoTConfig, ExactConfig, MagnitudeScope, SparsityPattern, VarianceKind
+from dsnot_deploy.algorithms.config import (
+    DSnoTConfig,
+    ExactConfig,
+    MagnitudeScope,
+    SparsityPattern,
+    VarianceKind,
+)
 from dsnot_deploy.algorithms.dsnot import dsnot_refine, mean_error
-from dsnot_deploy.errors import UserInputError
 from dsnot_deploy.algorithms.exact import exact_refine, row_errors
 from dsnot_deploy.algorithms.masks import magnitude_mask, wanda_mask, wanda_scores
 from dsnot_deploy.algorithms.sparsegpt import sparsegpt_prune
 from dsnot_deploy.algorithms.stats import ChannelStats, accumulate
+from dsnot_deploy.errors import UserInputError
 
 UNSTRUCTURED = [SparsityPattern.unstructured(s) for s in (0.3, 0.5, 0.7)]
 NM = [SparsityPattern.nm(2, 4), SparsityPattern.nm(4, 8), SparsityPattern.nm(1, 4)]

@@ -5,9 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dsnot_deploy.algorithms.config import (
+    Method,
+    PruneConfig,
+    Refinement,
+    SparsityPattern,
+)
 from dsnot_deploy.layerwise.capture import LayerCall, capture_layer_inputs
-from dsnot_deploy.algorithms.config import Method, PruneConfig, Refinement, SparsityPattern
-from dsnot_deploy.layerwise.driver import DriverConfig, _calibrate, _linears, linear_group, run_layers
+from dsnot_deploy.layerwise.driver import (
+    DriverConfig,
+    _calibrate,
+    _linears,
+    linear_group,
+    run_layers,
+)
 from dsnot_deploy.sources.models import find_decoder_layers
 from tests.tiny_models import ARCHS, make_tiny_model
 

@@ -251,7 +251,14 @@ def test_tokenization_check_can_fail_and_detection_finds_a_match(tmp_path: Path)
 def _sentencepiece_style_tokenizer():
     """Llama-2-style tokenizer.json: BPE over '▁'-joined text with byte fallback (<0x00>..<0xFF> in the
     model vocab), BOS added by the post-processor."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     from converters.gguf_tokenizer import PROBE_TEXTS

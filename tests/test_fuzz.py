@@ -135,9 +135,8 @@ GGUF_PY_MEMORY_ERROR = (
 def test_regression_gguf_py_reader_is_not_fed_unchecked_counts(tmp_path: Path) -> None:
     import base64
 
-
-    from dsnot_deploy.errors import UserInputError
     from converters.gguf_info import read_gguf_info
+    from dsnot_deploy.errors import UserInputError
 
     path = tmp_path / "m.gguf"
     path.write_bytes(zlib.decompress(base64.b64decode("".join(GGUF_PY_MEMORY_ERROR))))

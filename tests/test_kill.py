@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dsnot_deploy.cli import main
 from dsnot_deploy.atomic import remove_stale_temporaries
+from dsnot_deploy.cli import main
 from dsnot_deploy.layerwise.resume import state_dir_for
 from tests.reliability_helpers import TEXT, assert_same_checkpoint, refine_args
 from tests.tiny_models import save_tiny_checkpoint

@@ -17,16 +17,20 @@ pytest.importorskip("llama_cpp")
 
 from converters.gguf_export import ExportConfig, export_gguf  # noqa: E402
 from converters.gguf_types import OUTPUT_TYPES  # noqa: E402
-from dsnot_deploy.cli import main  # noqa: E402
-from dsnot_deploy.errors import UserInputError  # noqa: E402
-from dsnot_deploy.evaluation.llamacpp_child import FAULT_ENV, LlamaCppCrash, run_isolated  # noqa: E402
-from dsnot_deploy.evaluation.llamacpp_loader import (  # noqa: E402
+from converters.llamacpp_loader import (  # noqa: E402
     EXTRA_BUFTS_ENV,
     ExtraBuffers,
     build_features,
     cpu_flags,
     open_llama,
     resolve_extra_buffers,
+)
+from dsnot_deploy.cli import main  # noqa: E402
+from dsnot_deploy.errors import UserInputError  # noqa: E402
+from dsnot_deploy.evaluation.llamacpp_child import (  # noqa: E402
+    FAULT_ENV,
+    LlamaCppCrash,
+    run_isolated,
 )
 from dsnot_deploy.evaluation.llamacpp_runtime import isolated_logits  # noqa: E402
 from tests.test_export import _dequantized_state, _sparsify, _torch_logits  # noqa: E402

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from dsnot_deploy.sources import checkpoint_io, specs
 from dsnot_deploy.errors import UnsupportedModelError, UserInputError
+from dsnot_deploy.sources import checkpoint_io, specs
 from dsnot_deploy.sources.checkpoint_io import save_checkpoint
 from dsnot_deploy.sources.models import LoadedModel, find_decoder_layers, load_model
 from dsnot_deploy.sources.specs import MODEL_ALIASES, ModelSource, resolve_model_source

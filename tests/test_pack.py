@@ -139,7 +139,7 @@ def test_mask_cost_is_within_5_percent_of_the_entropy_bound() -> None:
 
 
 def test_mask_bound_sees_group_structure_and_extra_zeros() -> None:
-    from converters.sparse_pack import mask_bound_bits
+    from converters.pack_records import mask_bound_bits
 
     rng = np.random.default_rng(6)
     iid = rng.random(1 << 18) < 0.3
@@ -160,7 +160,7 @@ def test_mask_bound_sees_group_structure_and_extra_zeros() -> None:
 
 def test_record_bound_matches_the_encoding_written() -> None:
     from converters.gguf_read import TensorInfo
-    from converters.sparse_pack import PackLevels, encode_tensor, mask_bound_bits
+    from converters.pack_records import PackLevels, encode_tensor, mask_bound_bits
 
     rng = np.random.default_rng(7)
     for kind, w in (("u", F.unstructured(rng, 64, 512, 0.6)), ("2:4", F.n_m(rng, 64, 512, 2, 4))):
@@ -339,7 +339,7 @@ def test_pack_streams_one_tensor_at_a_time(tmp_path: Path) -> None:
     rng = np.random.default_rng(9)
     w = F.encode(rng, F.unstructured(rng, 512, 1024, 0.5), "F16")
     src = F.write_gguf(tmp_path / "big.gguf", [(f"t{i}", w, "F16") for i in range(48)])
-    from converters.sparse_pack import FAST_LEVELS, PackLevels
+    from converters.pack_records import FAST_LEVELS, PackLevels
 
     tracemalloc.start()
     pack_gguf(src, tmp_path / "big.pack", levels=PackLevels(**FAST_LEVELS))
@@ -356,7 +356,7 @@ def test_any_tensor_encodes_to_a_record_that_restores_it(qtype: str, rows: int, 
                                                          seed: int) -> None:
     """Property: encode -> decode is the identity for arbitrary bytes and for sparse weights of every type."""
     from converters.gguf_read import TensorInfo
-    from converters.sparse_pack import PackLevels, decode_record, encode_tensor
+    from converters.pack_records import PackLevels, decode_record, encode_tensor
 
     rng = np.random.default_rng(seed)
     bs, ts = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]

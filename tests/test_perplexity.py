@@ -8,9 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dsnot_deploy.evaluation import perplexity as ppl_mod
 from dsnot_deploy.errors import UserInputError
-from dsnot_deploy.evaluation.perplexity import PerplexityResult, perplexity_llamacpp, perplexity_paper
+from dsnot_deploy.evaluation import perplexity as ppl_mod
+from dsnot_deploy.evaluation.perplexity import (
+    PerplexityResult,
+    perplexity_llamacpp,
+    perplexity_paper,
+)
 
 
 class Recorder:

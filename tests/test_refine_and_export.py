@@ -11,9 +11,12 @@ import pytest
 pytest.importorskip("llama_cpp")
 pytest.importorskip("converters.gguf_export")
 
-from dsnot_deploy.cli import refine_and_export  # noqa: E402
-from dsnot_deploy.cli import build_parser, main  # noqa: E402
 from converters.gguf_info import read_gguf_info  # noqa: E402
+from dsnot_deploy.cli import (  # noqa: E402
+    build_parser,
+    main,
+    refine_and_export,  # noqa: E402
+)
 from tests.helpers_tokenizer import make_tiny_tokenizer  # noqa: E402
 from tests.tiny_models import save_tiny_checkpoint  # noqa: E402
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dsnot_deploy.layerwise import resources
-from dsnot_deploy.cli import main
 from dsnot_deploy.algorithms.config import PruneConfig
+from dsnot_deploy.cli import main
+from dsnot_deploy.layerwise import resources
 from dsnot_deploy.layerwise.estimate import RunShape, shape_of
 from dsnot_deploy.layerwise.resources import memory_needs
 from tests.reliability_helpers import TEXT, listing, refine_args

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dsnot_deploy.layerwise import driver
-
-from dsnot_deploy.layerwise import stream
 from dsnot_deploy.cli import main
+from dsnot_deploy.layerwise import driver, stream
 from dsnot_deploy.layerwise.resume import state_dir_for
 from tests.reliability_helpers import TEXT, assert_same_checkpoint, refine_args
 from tests.tiny_models import save_tiny_checkpoint

@@ -38,7 +38,7 @@ def test_exported_smollm_runs_and_matches_torch_perplexity(sparse_smollm: Path, 
                                                            tolerance: float) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dsnot_deploy.evaluation.llamacpp_loader import open_llama
+    from converters.llamacpp_loader import open_llama
 
     out = tmp_path / f"smol-{qtype}.gguf"
     report = export_gguf(sparse_smollm, out, ExportConfig(qtype=qtype, progress=False))

@@ -13,13 +13,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsnot_deploy.layerwise.capture import capture_layer_inputs
+from dsnot_deploy.algorithms.config import (
+    Method,
+    PruneConfig,
+    Refinement,
+    SparsityPattern,
+)
 from dsnot_deploy.cli import main
-from dsnot_deploy.algorithms.config import Method, PruneConfig, Refinement, SparsityPattern
 from dsnot_deploy.errors import UserInputError
+from dsnot_deploy.layerwise.capture import capture_layer_inputs
+from dsnot_deploy.layerwise.refine import (
+    STATS_NAME,
+    CalibrationConfig,
+    RefineJob,
+    refine,
+)
 from dsnot_deploy.sources.models import find_decoder_layers
 from dsnot_deploy.sources.streaming_io import build_skeleton
-from dsnot_deploy.layerwise.refine import STATS_NAME, CalibrationConfig, RefineJob, refine
 from tests.tiny_models import ARCHS, make_tiny_model, save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

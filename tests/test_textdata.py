@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers_tokenizer import make_tiny_tokenizer  # noqa: E402
 
-from dsnot_deploy.sources import textdata  # noqa: E402
 from dsnot_deploy.errors import UserInputError  # noqa: E402
+from dsnot_deploy.sources import textdata  # noqa: E402
 from dsnot_deploy.sources.textdata import (  # noqa: E402
     TextSource,
     load_text_source,

@@ -14,15 +14,15 @@ import torch
 pytest.importorskip("llama_cpp")
 gguf_export = pytest.importorskip("converters.gguf_export")
 
-from dsnot_deploy.evaluation import dense_cache, logit_metrics  # noqa: E402
+from converters.gguf_info import read_gguf_info  # noqa: E402
+from converters.llamacpp_loader import open_llama  # noqa: E402
 from dsnot_deploy.cli import main  # noqa: E402
 from dsnot_deploy.errors import UserInputError  # noqa: E402
-from dsnot_deploy.evaluation.llamacpp_loader import open_llama  # noqa: E402
-from converters.gguf_info import read_gguf_info  # noqa: E402
-from dsnot_deploy.evaluation.llamacpp_runtime import GGUFModel, ScoringPlan  # noqa: E402
-from dsnot_deploy.evaluation.perplexity import perplexity_llamacpp, perplexity_paper  # noqa: E402
+from dsnot_deploy.evaluation import dense_cache, logit_metrics  # noqa: E402
 from dsnot_deploy.evaluation.gate import GateConfig  # noqa: E402
+from dsnot_deploy.evaluation.llamacpp_runtime import GGUFModel, ScoringPlan  # noqa: E402
 from dsnot_deploy.evaluation.logit_metrics import compare_logits  # noqa: E402
+from dsnot_deploy.evaluation.perplexity import perplexity_llamacpp, perplexity_paper  # noqa: E402
 from dsnot_deploy.evaluation.validate import ValidateConfig, run_validation  # noqa: E402
 from tests.helpers_tokenizer import make_tiny_tokenizer  # noqa: E402
 from tests.tiny_models import save_tiny_checkpoint  # noqa: E402

@@ -1,11 +1,12 @@
 """Prune one Linear from its statistics: initial mask, optional refinement, report.
 
-Pure tensor code (no hooks, files or progress bars).
+Pure tensor code (no hooks, files, clocks or progress bars): :func:`select_weights` computes the
+sparse weights, :func:`linear_report` describes them; the layer runner times the first
+(``dsnot_deploy.layerwise.linear.prune_linear``).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -39,25 +40,31 @@ class LinearReport:
         return self.zeros / max(self.rows * self.cols, 1)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _output_error(dense: torch.Tensor, sparse: torch.Tensor, hessian: torch.Tensor) -> float:
     """sum_i dw_i^T H dw_i, float32 matmul with a float64 reduction (a report, not a decision)."""
     dw = dense - sparse
     return float(((dw @ hessian) * dw).sum(dtype=torch.float64))
 
 
-def prune_linear(
-    name: str, weight: torch.Tensor, stats: ChannelStats, config: PruneConfig, refine: bool = True
-) -> tuple[torch.Tensor, LinearReport]:
-    """Return (new float32 weight with exact zeros, report). `weight` is (rows, cols)."""
+@dataclass(frozen=True)
+class Selection:
+    """The result of :func:`select_weights`: float32 ``sparse`` weights (pruned entries +0.0), the
+    initial ``init`` weights before refinement, swaps per row, and the (init, final) output errors
+    when the refinement computed them."""
+
+    dense: torch.Tensor
+    init: torch.Tensor
+    sparse: torch.Tensor
+    swaps: torch.Tensor
+    errors: tuple[float, float] | None
+    refinement: Refinement
+    hessian: torch.Tensor | None  # H on the weights' device, when the statistics hold X^T X
+
+
+def select_weights(weight: torch.Tensor, stats: ChannelStats, config: PruneConfig, refine: bool = True) -> Selection:
+    """Initial mask (magnitude / Wanda / SparseGPT) and refinement of one Linear; ``weight`` (rows, cols)."""
     dense = weight.detach().float()
     hessian = stats.hessian.to(dense.device) if stats.xtx is not None else None
-    _sync(dense.device)
-    t0 = time.perf_counter()
     if config.method is Method.SPARSEGPT:
         assert hessian is not None
         sparse, mask = sparsegpt_prune(dense, hessian, config.pattern, config.sparsegpt)
@@ -91,18 +98,24 @@ def prune_linear(
     # W * mask leaves -0.0 where a negative weight was pruned; store every pruned weight as +0.0 so
     # that bit-level consumers (compact packs of F16/BF16 GGUFs, N:M detection) see one zero
     sparse = sparse + 0.0
-    _sync(dense.device)
-    mask_seconds = time.perf_counter() - t0
+    return Selection(dense, init, sparse, swaps, errors, refinement, hessian)
 
+
+def linear_report(name: str, stats: ChannelStats, selection: Selection, mask_seconds: float) -> LinearReport:
+    """Zeros, swaps, DSnoT's mean-error proxy and (with H) the true output errors of a selection."""
+    dense, init, sparse, swaps, errors = (selection.dense, selection.init, selection.sparse, selection.swaps,
+                                          selection.errors)
+    hessian = selection.hessian
     tokensum = stats.tokensum.to(dense.device)
     out_init = out_final = None
     if hessian is not None:
         energy = max(_output_error(dense, torch.zeros_like(dense), hessian), 1e-30)
         if errors is None:
             final = _output_error(dense, sparse, hessian)
-            errors = (_output_error(dense, init, hessian) if refinement is not Refinement.NONE else final, final)
+            errors = (_output_error(dense, init, hessian) if selection.refinement is not Refinement.NONE else final,
+                      final)
         out_init, out_final = errors[0] / energy, errors[1] / energy
-    report = LinearReport(
+    return LinearReport(
         name=name,
         rows=dense.shape[0],
         cols=dense.shape[1],
@@ -115,4 +128,3 @@ def prune_linear(
         output_error_final=out_final,
         mask_seconds=mask_seconds,
     )
-    return sparse, report

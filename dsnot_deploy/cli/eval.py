@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dsnot_deploy.cli.common import EXIT_OK
+from dsnot_deploy.cli.common import EXIT_OK, progress_for
 from dsnot_deploy.cli.options import add_device_options
 from dsnot_deploy.protocols import PROTOCOLS
 
@@ -33,7 +33,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(
         EvalJob(
             model=args.model, text=args.text, split=args.split, protocol=args.protocol, seqlen=args.seqlen,
-            max_chunks=args.max_chunks, device=args.device, dtype=args.dtype, progress=not args.quiet,
+            max_chunks=args.max_chunks, device=args.device, dtype=args.dtype, progress=progress_for(args),
             json_path=args.json,
         )
     )

@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from dsnot_deploy.cli.common import EXIT_OK, add_logging_options
+from dsnot_deploy.cli.common import EXIT_OK, add_logging_options, progress_for
 
 
 def _type_help() -> str:
@@ -72,7 +72,7 @@ def run_export(args: argparse.Namespace) -> int:
     check_output_file(out, args.force)  # before any loading
     source = resolve_model_source(args.checkpoint)
     config = ExportConfig(qtype=args.qtype, imatrix=args.imatrix, allow_zero_loss=args.allow_zero_loss,
-                          force=args.force, progress=not args.quiet, tokenizer_pre=args.tokenizer_pre,
+                          force=args.force, progress=progress_for(args), tokenizer_pre=args.tokenizer_pre,
                           threads=args.threads, naming=tuple(naming_of(source).items()))
     if source.kind == "local-dir":
         report = export_gguf(source.location, out, config)

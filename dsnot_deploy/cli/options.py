@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dsnot_deploy.cli.common import add_logging_options
+from dsnot_deploy.cli.common import add_logging_options, progress_for
 from dsnot_deploy.errors import UserInputError
 from dsnot_deploy.protocols import PROTOCOLS
 
@@ -189,6 +189,6 @@ def refine_job(args: argparse.Namespace, model: str, outdir: Path, nsamples: int
         model=model, outdir=outdir, prune=prune_config(args),
         calibration=CalibrationConfig(args.calib, nsamples, seqlen, args.seed), dtype=args.dtype,
         device=args.device, batch_size=args.batch_size, offload_activations=args.offload_activations,
-        measure_error=args.measure_error, force=args.force, progress=not args.quiet,
+        measure_error=args.measure_error, force=args.force, progress=progress_for(args),
         **(scale_job_options(args) if scale is None else scale),
     )

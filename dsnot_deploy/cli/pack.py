@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from dsnot_deploy.cli.common import EXIT_OK, add_logging_options
+from dsnot_deploy.cli.common import EXIT_OK, add_logging_options, progress_for
 from dsnot_deploy.errors import UserInputError
 
 PACK_FORMATS = ("gguf-pack", "sparse-bitmask", "sparse-24-bitmask")
@@ -59,20 +59,21 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         from converters.bitmask_checkpoint import pack_bitmask_checkpoint
 
         info = pack_bitmask_checkpoint(args.input, args.output, structure=args.format, force=args.force,
-                                       progress=not args.quiet)
+                                       progress=progress_for(args))
         print(f"wrote {args.output}: {args.format}, {info['compressed_tensors']} tensors compressed, "
               f"{info['bytes_before']:,} -> {info['bytes_after']:,} bytes of safetensors")
         return EXIT_OK
     from dataclasses import asdict
 
-    from converters.sparse_pack import FAST_LEVELS, PackLevels, pack_gguf
+    from converters.pack_records import FAST_LEVELS, PackLevels
+    from converters.sparse_pack import pack_gguf
 
     chosen = dict(FAST_LEVELS) if args.fast else asdict(PackLevels())
     for name in chosen:
         if getattr(args, f"{name}_level") is not None:
             chosen[name] = getattr(args, f"{name}_level")
     levels = PackLevels(**chosen)
-    s = pack_gguf(args.input, args.output, force=args.force, levels=levels, progress=not args.quiet)
+    s = pack_gguf(args.input, args.output, force=args.force, levels=levels, progress=progress_for(args))
     kinds: dict[str, int] = {}
     for d in s.records:
         if d["k"] == "tensor":
@@ -88,14 +89,14 @@ def _cmd_unpack(args: argparse.Namespace) -> int:
     if args.input.is_dir():
         from converters.bitmask_checkpoint import unpack_bitmask_checkpoint
 
-        n = unpack_bitmask_checkpoint(args.input, args.output, force=args.force, progress=not args.quiet)
+        n = unpack_bitmask_checkpoint(args.input, args.output, force=args.force, progress=progress_for(args))
         print(f"wrote {args.output}: dense checkpoint, {n} tensors decompressed")
         return EXIT_OK
     from converters.sparse_pack import is_pack, unpack
 
     if args.input.is_file() and not is_pack(args.input):
         raise UserInputError(f"{args.input}: expected a dsnot-deploy pack or a bitmask checkpoint directory")
-    h = unpack(args.input, args.output, force=args.force, progress=not args.quiet)
+    h = unpack(args.input, args.output, force=args.force, progress=progress_for(args))
     print(f"wrote {args.output}: {h.original_size:,} bytes, sha256 {h.sha256} verified")
     return EXIT_OK
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dsnot_deploy.cli.common import EXIT_OK, add_logging_options
+from dsnot_deploy.cli.common import EXIT_OK, add_logging_options, progress_for
 from dsnot_deploy.cli.options import (
     add_eval_options,
     add_refine_options,
@@ -102,13 +102,13 @@ def _cmd_refine_and_export(args: argparse.Namespace) -> int:
     if not args.no_validate:  # validate's own checks before the long work
         validate = ValidateConfig(sparse=out, dense=model, text=text, split=args.split, protocol=args.protocol,
                                   ctx=ctx, max_chunks=max_chunks, gate=gate_config(args), threads=args.threads,
-                                  cache_dir=args.cache_dir, progress=not args.quiet)
+                                  cache_dir=args.cache_dir, progress=progress_for(args))
     _check_type_keeps_zeros(args.type, args.allow_zero_loss)
     job = refine_job(args, model, args.keep_checkpoint or Path("sparse"), nsamples, seqlen, scale)
     config = PipelineConfig(
         job=job, out=out,
         export=ExportConfig(qtype=args.type, allow_zero_loss=args.allow_zero_loss, force=args.force,
-                            progress=not args.quiet),
+                            progress=progress_for(args)),
         validate=validate, keep_checkpoint=args.keep_checkpoint is not None,
         torch_reference=not args.no_torch_reference, reports=reports, cache_dir=args.cache_dir,
         settings={"model": model, "embedded_default": embedded, "type": args.type,

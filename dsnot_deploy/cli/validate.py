@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from dsnot_deploy.cli.common import EXIT_FAIL, EXIT_OK, add_logging_options
+from dsnot_deploy.cli.common import (
+    EXIT_FAIL,
+    EXIT_OK,
+    add_logging_options,
+    progress_for,
+)
 from dsnot_deploy.cli.options import add_eval_options, gate_config
 
 
@@ -41,26 +45,26 @@ def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from dsnot_deploy.evaluation.report import build_report, check_outputs, write_all
+    from dsnot_deploy.evaluation.report import (
+        build_report,
+        check_outputs,
+        settings_of,
+        write_all,
+    )
     from dsnot_deploy.evaluation.validate import ValidateConfig, run_validation
 
     check_outputs([args.json, args.markdown, args.plot], args.force)
     config = ValidateConfig(
         sparse=args.sparse, dense=args.dense, text=args.text or "pydoc", split=args.split, protocol=args.protocol,
         ctx=args.ctx or 2048, max_chunks=args.max_chunks, gate=gate_config(args), checkpoint=args.checkpoint,
-        threads=args.threads, cache_dir=args.cache_dir, progress=not args.quiet,
+        threads=args.threads, cache_dir=args.cache_dir, progress=progress_for(args),
     )
     result, context = run_validation(config)
     checks = config.gate.check(result)
-    report = build_report(result, context, settings_record(config), checks)
+    report = build_report(result, context, settings_of(config), checks)
     write_all(report, args.json, args.markdown, args.plot, args.force)
     print_summary(report)
     return gate_exit(checks)
-
-
-def settings_record(config: Any) -> dict[str, Any]:
-    out = asdict(config)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
 
 
 def gate_exit(checks: list[Any]) -> int:

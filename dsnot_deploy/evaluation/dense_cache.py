@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dsnot_deploy.errors import UserInputError
+from dsnot_deploy.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def checkpoint_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def dense_gguf_for(spec: str, qtype: str, cache_dir: Path | None = None, progress: bool = True,
+def dense_gguf_for(spec: str, qtype: str, cache_dir: Path | None = None, progress: Progress = True,
                    gguf_as_is: bool = True) -> tuple[Path, dict[str, Any]]:
     """The dense GGUF to compare with: ``spec`` itself if it is a GGUF file (and ``gguf_as_is``),
     else ``spec`` exported.

@@ -12,6 +12,7 @@ from dsnot_deploy import __version__
 from dsnot_deploy.atomic import atomic_write_bytes
 from dsnot_deploy.errors import UserInputError
 from dsnot_deploy.evaluation.perplexity import perplexity_llamacpp, perplexity_paper
+from dsnot_deploy.progress import Progress
 from dsnot_deploy.protocols import PAPER, parse_protocol
 from dsnot_deploy.sources.models import DTYPES, load_model
 from dsnot_deploy.sources.textdata import load_text_source, tokenize_eval
@@ -28,7 +29,7 @@ class EvalJob:
     max_chunks: int | None = None
     device: str = "cpu"
     dtype: str = "float32"
-    progress: bool = True
+    progress: Progress = True
     json_path: Path | None = None
 
     def __post_init__(self) -> None:
@@ -40,7 +41,7 @@ class EvalJob:
 
 
 def perplexity_of(model: Any, tokenizer: Any, text: str, protocol: str, seqlen: int,
-                  max_chunks: int | None, device: str, progress: bool):
+                  max_chunks: int | None, device: str, progress: Progress):
     """Tokenize `text` once and score it with `protocol` (shared by eval and the benchmarks)."""
     ids = tokenize_eval(tokenizer, text)
     if protocol == PAPER:

@@ -101,7 +101,7 @@ def _signal_name(exitcode: int) -> str:
 
 def crash_message(exitcode: int, phase: Phase | None) -> str:
     """The one line a crashed child becomes (file, type, llama.cpp version, signal, what to try)."""
-    from dsnot_deploy.evaluation.llamacpp_loader import (
+    from converters.llamacpp_loader import (
         EXTRA_BUFTS_ENV,
         llamacpp_version,
         resolve_extra_buffers,

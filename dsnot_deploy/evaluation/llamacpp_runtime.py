@@ -130,7 +130,7 @@ class GGUFModel:
             raise UserInputError(f"expected n_ctx >= 2, found {self.n_ctx}")
         if self.threads is not None and self.threads < 1:
             raise UserInputError(f"expected threads >= 1, found {self.threads}")
-        from dsnot_deploy.evaluation.llamacpp_loader import open_llama
+        from converters.llamacpp_loader import open_llama
 
         threads = self.threads or os.cpu_count() or 1
         # logits_all=False: outputs are requested per position in our own batch
@@ -263,7 +263,7 @@ def logits_fn(llm: Any) -> Any:
 
 def _logits_in_child(reporter: Any, path: str, qtype: str, ids: list[int], n_ctx: int, threads: int | None,
                      extra_buffers: Any) -> np.ndarray:
-    from dsnot_deploy.evaluation.llamacpp_loader import open_llama
+    from converters.llamacpp_loader import open_llama
 
     reporter.phase("loading", path, qtype)
     llm = open_llama(path, n_ctx=n_ctx, n_threads=threads, logits_all=True, extra_buffers=extra_buffers)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from dsnot_deploy.errors import UserInputError
+from dsnot_deploy.progress import Progress, track
 from dsnot_deploy.protocols import LLAMACPP, PAPER
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def perplexity_paper(
     seqlen: int,
     max_chunks: int | None = None,
     device: str | torch.device = "cpu",
-    progress: bool = True,
+    progress: Progress = True,
 ) -> PerplexityResult:
     """Paper protocol (Wanda / SparseGPT / DSnoT): non-overlapping chunks of ``seqlen`` tokens.
 
@@ -90,7 +90,7 @@ def perplexity_llamacpp(
     bos_id: int | None,
     max_chunks: int | None = None,
     device: str | torch.device = "cpu",
-    progress: bool = True,
+    progress: Progress = True,
 ) -> PerplexityResult:
     """llama.cpp protocol (``llama-perplexity``): non-overlapping chunks of ``n_ctx`` tokens.
 
@@ -126,7 +126,7 @@ def _run_chunks(
     bos_id: int | None,
     max_chunks: int | None,
     device: str | torch.device,
-    progress: bool,
+    progress: Progress,
 ) -> PerplexityResult:
     """Score positions ``first .. ctx - 2`` (predicting ``t + 1``) of every full chunk of ``ctx``."""
     flat = _as_flat_ids(ids)
@@ -150,7 +150,7 @@ def _run_chunks(
     per_chunk: list[float] = []
     start_time = time.perf_counter()
     with torch.no_grad():
-        for c in tqdm(range(n_chunks), desc=f"ppl ({protocol})", disable=not progress):
+        for c in track(progress, range(n_chunks), f"ppl ({protocol})"):
             chunk = flat[c * ctx : (c + 1) * ctx].clone()  # (ctx,)
             targets = chunk[first + 1 :]  # (ctx - 1 - first,) taken before any BOS replacement
             if bos_id is not None:

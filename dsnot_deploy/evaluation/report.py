@@ -13,7 +13,7 @@ import logging
 import math
 import platform
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,23 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+def settings_of(config: Any) -> dict[str, Any]:
+    """A config dataclass as report settings: paths as strings, a progress callback as a flag."""
+    from dataclasses import fields
+
+    out = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name == "progress":
+            value = bool(value)
+        elif isinstance(value, Path):
+            value = str(value)
+        elif is_dataclass(value):
+            value = asdict(value)
+        out[f.name] = value
+    return out
 
 
 def build_report(result: Any, context: dict[str, Any], settings: dict[str, Any], checks: list[Any],

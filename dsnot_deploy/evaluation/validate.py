@@ -32,6 +32,7 @@ from dsnot_deploy.errors import UserInputError
 from dsnot_deploy.evaluation.dense_cache import dense_gguf_for, export_qtype
 from dsnot_deploy.evaluation.gate import GateConfig
 from dsnot_deploy.evaluation.logit_metrics import compare_logits
+from dsnot_deploy.progress import Progress, open_bar
 from dsnot_deploy.protocols import LLAMACPP, parse_protocol
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class ValidateConfig:
     checkpoint: Path | None = None
     threads: int | None = None
     cache_dir: Path | None = None
-    progress: bool = True
+    progress: Progress = True
 
     def __post_init__(self) -> None:
         parse_protocol(self.protocol)
@@ -189,11 +190,9 @@ def run_validation(config: ValidateConfig) -> tuple[ValidationResult, dict[str, 
     raises ``LlamaCppCrash`` (one line naming the file, its type and the llama.cpp version) before
     anything is reported.
     """
-    from tqdm.auto import tqdm
-
     from converters.gguf_info import check_same_vocabulary, read_gguf_info
+    from converters.llamacpp_loader import describe_runtime
     from dsnot_deploy.evaluation.llamacpp_child import run_isolated
-    from dsnot_deploy.evaluation.llamacpp_loader import describe_runtime
     from dsnot_deploy.sources.textdata import load_text_source
 
     sparse_info = read_gguf_info(config.sparse)  # bad input first: not a file, not a GGUF
@@ -217,7 +216,7 @@ def run_validation(config: ValidateConfig) -> tuple[ValidationResult, dict[str, 
             plan = state["plan"]
             logger.info("validate (%s): %d chunks of %d tokens (%d in the text), %d scored per chunk",
                         config.protocol, state["n_chunks"], config.ctx, state["ids"].shape[0], plan.scored_per_chunk)
-            bar.append(tqdm(total=state["n_chunks"], desc="validate", disable=not config.progress))
+            bar.append(open_bar(config.progress, "validate", state["n_chunks"]))
             state["t_loop"] = time.perf_counter()
         elif message[0] == "chunk":
             state["chunks"].append(message[1:])
@@ -295,7 +294,7 @@ def run_validation(config: ValidateConfig) -> tuple[ValidationResult, dict[str, 
     return result, context
 
 
-def torch_reference(checkpoint: Path, ids: np.ndarray, plan: Any, n_chunks: int, progress: bool) -> dict[str, Any]:
+def torch_reference(checkpoint: Path, ids: np.ndarray, plan: Any, n_chunks: int, progress: Progress) -> dict[str, Any]:
     """Perplexity of the HF checkpoint in torch (float32, CPU) on the very same token ids and positions,
     with ``dsnot_deploy.evaluation.perplexity``'s implementation of the protocol."""
     import torch

@@ -15,10 +15,9 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from dsnot_deploy.algorithms.config import PruneConfig
-from dsnot_deploy.algorithms.pruner import LinearReport, prune_linear
+from dsnot_deploy.algorithms.pruner import LinearReport
 from dsnot_deploy.algorithms.stats import ChannelStats, accumulate
 from dsnot_deploy.layerwise.capture import (
     LayerCall,
@@ -26,6 +25,8 @@ from dsnot_deploy.layerwise.capture import (
     layer_output,
     to_device,
 )
+from dsnot_deploy.layerwise.linear import prune_linear
+from dsnot_deploy.progress import Progress, open_bar
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class DriverConfig:
     device: str = "cpu"  # where each layer is processed
     offload_activations: bool = False  # keep the B x L x hidden buffers on CPU
     measure_error: bool = False  # collect H even when the method does not need it
-    progress: bool = True
+    progress: Progress = True
     # Keep the two activation buffers in memory-mapped files in this folder (disk offload; the
     # files are unlinked at once, so nothing is left behind).  Implies offload_activations.
     activations_dir: str | None = None
@@ -274,7 +275,7 @@ def run_layers(
     reports: list[LayerReport] = []
     mask_seconds = 0.0
     out = allocate(tuple(hidden.shape), hidden.dtype)
-    bar = tqdm(total=len(layers), desc="layers", unit="layer", disable=not config.progress)
+    bar = open_bar(config.progress, "layers", len(layers), unit="layer")
     previous: torch.device | None = None
     for i, layer in enumerate(layers):
         if config.layers_in_place:

@@ -212,8 +212,8 @@ def measure_rates(device: str, dtype: str, prune: PruneConfig | None, size: int 
 
 
 def _mask_rate(device: str, prune: PruneConfig, cols: int, gen: torch.Generator) -> float:
-    from dsnot_deploy.algorithms.pruner import prune_linear
     from dsnot_deploy.algorithms.stats import ChannelStats, accumulate
+    from dsnot_deploy.layerwise.linear import prune_linear
 
     rows = 128
     weight = torch.randn(rows, cols, generator=gen).to(device)

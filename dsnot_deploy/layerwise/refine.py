@@ -20,6 +20,7 @@ from dsnot_deploy.atomic import remove_stale_temporaries
 from dsnot_deploy.errors import UserInputError
 from dsnot_deploy.layerwise.driver import DriverConfig, DriverResult, run_layers
 from dsnot_deploy.layerwise.manifest import MANIFEST_NAME, build_manifest, dumps
+from dsnot_deploy.progress import Progress
 from dsnot_deploy.sources.checkpoint_io import save_checkpoint
 from dsnot_deploy.sources.models import (
     DTYPES,
@@ -55,7 +56,7 @@ class RefineJob:
     offload_activations: bool = False
     measure_error: bool = False
     force: bool = False
-    progress: bool = True
+    progress: Progress = True
     stream: bool = False  # read/refine/write one decoder layer at a time from safetensors shards
     activations_dir: Path | None = None  # disk offload: activation buffers memory-mapped from files here
     device_map: str | dict[str, Any] | None = None  # several GPUs: place the whole model with accelerate

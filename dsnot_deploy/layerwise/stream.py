@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from dsnot_deploy.errors import UnsupportedModelError
 from dsnot_deploy.layerwise.capture import LayerCall, capture_layer_inputs, to_device
@@ -43,6 +42,7 @@ from dsnot_deploy.layerwise.driver import (
     propagate_restored,
     synchronize,
 )
+from dsnot_deploy.progress import open_bar
 from dsnot_deploy.sources.models import find_decoder_layers
 from dsnot_deploy.sources.streaming_io import (
     SafetensorsCheckpoint,
@@ -302,7 +302,7 @@ def stream_layers(
     out = allocate(tuple(hidden.shape), hidden.dtype)
     reports: list[LayerReport] = []
     mask_seconds = 0.0
-    bar = tqdm(total=len(layers), desc="layers (streamed)", unit="layer", disable=not config.progress)
+    bar = open_bar(config.progress, "layers (streamed)", len(layers), unit="layer")
     for i, layer in enumerate(layers):
         prefix = _prefix(plan.layers_path, i)
         names = plan.layer_names[i]

@@ -139,7 +139,7 @@ def open_llama(path: str | os.PathLike[str], *, n_ctx: int, n_batch: int | None 
             "expected llama-cpp-python (pinned 0.3.36) to be installed to run GGUF files, found it missing: "
             "pip install llama-cpp-python==0.3.36"
         ) from exc
-    from converters.llamacpp_log import route_llamacpp_logs
+    from .llamacpp_log import route_llamacpp_logs
 
     route_llamacpp_logs()
     choice = extra_buffers or resolve_extra_buffers()
