@@ -70,17 +70,8 @@ def perplexity_paper(
     """
     if seqlen < 2:
         raise UserInputError(f"expected seqlen >= 2 (one prediction needs two tokens), found {seqlen}")
-    return _run_chunks(
-        protocol=PAPER,
-        model=model,
-        ids=ids,
-        ctx=seqlen,
-        first=0,
-        bos_id=None,
-        max_chunks=max_chunks,
-        device=device,
-        progress=progress,
-    )
+    return _run_chunks(PAPER, model, ids, seqlen, first=0, bos_id=None, max_chunks=max_chunks, device=device,
+                       progress=progress)
 
 
 def perplexity_llamacpp(
@@ -103,25 +94,16 @@ def perplexity_llamacpp(
     """
     if n_ctx < 3:
         raise UserInputError(f"expected n_ctx >= 3 (the scored second half must hold a prediction), found {n_ctx}")
-    return _run_chunks(
-        protocol=LLAMACPP,
-        model=model,
-        ids=ids,
-        ctx=n_ctx,
-        first=n_ctx // 2,
-        bos_id=bos_id,
-        max_chunks=max_chunks,
-        device=device,
-        progress=progress,
-    )
+    return _run_chunks(LLAMACPP, model, ids, n_ctx, first=n_ctx // 2, bos_id=bos_id, max_chunks=max_chunks,
+                       device=device, progress=progress)
 
 
 def _run_chunks(
-    *,
     protocol: str,
     model: ModelFn,
     ids: torch.Tensor,
     ctx: int,
+    *,
     first: int,
     bos_id: int | None,
     max_chunks: int | None,
