@@ -33,6 +33,7 @@ from dsnot_deploy.evaluation.llamacpp_child import (  # noqa: E402
     run_isolated,
 )
 from dsnot_deploy.evaluation.llamacpp_runtime import isolated_logits  # noqa: E402
+from tests.child_targets import crash_while_decoding, raise_user_error  # noqa: E402
 from tests.test_export import _dequantized_state, _sparsify, _torch_logits  # noqa: E402
 from tests.tiny_models import save_tiny_checkpoint  # noqa: E402
 
@@ -153,25 +154,17 @@ def test_every_zero_keeping_type_runs_in_llamacpp(qtype: str, wide: Path, export
 # --------------------------------------------------------------------------- crash containment
 
 
-def _crash_child(reporter, path: str) -> None:
-    reporter.phase("decoding", path, "Q4_0")
-
-
-def _fail_child(reporter, message: str) -> None:
-    raise UserInputError(message)
-
-
 def test_child_crash_becomes_llamacpp_crash(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv(FAULT_ENV, "segv")
     with pytest.raises(LlamaCppCrash) as info:
-        run_isolated(_crash_child, str(tmp_path / "m.gguf"))
+        run_isolated(crash_while_decoding, str(tmp_path / "m.gguf"))
     text = str(info.value)
     assert "SIGSEGV" in text and "m.gguf" in text and "type Q4_0" in text and "llama-cpp-python" in text
 
 
 def test_child_errors_come_back_as_the_same_error() -> None:
     with pytest.raises(UserInputError, match="expected a thing"):
-        run_isolated(_fail_child, "expected a thing, found another")
+        run_isolated(raise_user_error, "expected a thing, found another")
 
 
 def test_validate_crash_is_one_line_exit_1_and_no_report(exported: dict[str, Path], tmp_path: Path,
