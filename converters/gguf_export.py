@@ -39,6 +39,7 @@ from dsnot_deploy.errors import UnsupportedModelError, UserInputError
 from dsnot_deploy.progress import Progress, open_bar
 
 from .gguf_arch import ArchSpec, find_arch, llama3_rope_factors, needs_rope_freqs
+from .gguf_info import tensor_type_counts
 from .gguf_metadata import (
     NAMING_WRITERS,
     manifest_summary,
@@ -255,13 +256,6 @@ def _load_imatrix(config: ExportConfig, ckpt: HFCheckpoint, spec: ArchSpec) -> t
     return data, str(path)
 
 
-def _tensor_types(reader: gguf.GGUFReader) -> dict[str, int]:
-    hist: dict[str, int] = {}
-    for t in reader.tensors:
-        hist[t.tensor_type.name] = hist.get(t.tensor_type.name, 0) + 1
-    return hist
-
-
 def _pruned_names(reader: gguf.GGUFReader) -> list[str]:
     """The decoder-layer weight matrices: where pruned zeros live."""
     return [t.name for t in reader.tensors
@@ -316,7 +310,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
 
         reader = gguf.GGUFReader(final)
         zeros = count_zeros(reader, _pruned_names(reader), source)
-        tensor_types = _tensor_types(reader)
+        tensor_types = tensor_type_counts(reader)
         del reader  # drop the mapping before the file is renamed
         file_bytes, n_params = final.stat().st_size, _param_count(plan)
         probes = usable_probes(tokenizer)

@@ -118,10 +118,7 @@ def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
             vocab[name] = value
         else:
             metadata[name] = value
-    tensor_types: dict[str, int] = {}
-    for tensor in reader.tensors:
-        type_name = gguf.GGMLQuantizationType(tensor.tensor_type).name
-        tensor_types[type_name] = tensor_types.get(type_name, 0) + 1
+    tensor_types = tensor_type_counts(reader)
     tokens = tuple(vocab.get("tokenizer.ggml.tokens") or ())
     digest = hashlib.sha256()
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre"):
@@ -135,12 +132,23 @@ def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
         path=path,
         architecture=str(metadata.get("general.architecture", "")),
         file_type=int(file_type) if file_type is not None else None,
-        tensor_types=dict(sorted(tensor_types.items())),
+        tensor_types=tensor_types,
         metadata=metadata,
         tokens=tokens,
         vocab_fingerprint=digest.hexdigest(),
         size_bytes=path.stat().st_size,
     )
+
+
+def tensor_type_counts(reader: Any) -> dict[str, int]:
+    """How many tensors of an open ``gguf.GGUFReader`` have each ggml type name, by name."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for tensor in reader.tensors:
+        name = gguf.GGMLQuantizationType(tensor.tensor_type).name
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _field_value(fld: Any) -> Any:
