@@ -19,6 +19,7 @@ def write_dsnot_metadata(w: gguf.GGUFWriter, manifest: dict[str, Any] | None) ->
     w.add_string("dsnot.tool_version", str(manifest.get("tool", {}).get("version", "")))
     w.add_string("dsnot.method", str(manifest.get("method", "")))
     w.add_string("dsnot.refinement", str(manifest.get("refinement", "")))
+    w.add_string("dsnot.update", str(manifest.get("update", "none")))
     pattern = manifest.get("pattern", {})
     kind = "unstructured" if pattern.get("kind") != "n:m" else f"{pattern.get('n')}:{pattern.get('m')}"
     w.add_string("dsnot.pattern", kind)

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from dsnot_deploy.algorithms.config import Method, PruneConfig, Refinement
+from dsnot_deploy.algorithms.config import Method, PruneConfig, Refinement, Update
 from dsnot_deploy.algorithms.dsnot import dsnot_refine, mean_error
 from dsnot_deploy.algorithms.exact import exact_refine
 from dsnot_deploy.algorithms.masks import magnitude_mask, wanda_mask
+from dsnot_deploy.algorithms.reconstruct import admm_reconstruct
 from dsnot_deploy.algorithms.sparsegpt import sparsegpt_prune
 from dsnot_deploy.algorithms.stats import ChannelStats
 
@@ -95,6 +96,12 @@ def select_weights(weight: torch.Tensor, stats: ChannelStats, config: PruneConfi
         result = exact_refine(dense, sparse, mask, hessian, config.pattern, config.exact)
         sparse, swaps = result.weight, result.swaps
         errors = (float(result.objective_before.sum()), float(result.objective_after.sum()))
+    if refinement is not Refinement.NONE:
+        mask = result.mask
+    if config.update is Update.ADMM:
+        assert hessian is not None
+        sparse = admm_reconstruct(dense, sparse, mask, hessian, config.reconstruct).float()
+        errors = None  # the refinement's (init, final) no longer describe the final weights
     # W * mask leaves -0.0 where a negative weight was pruned; store every pruned weight as +0.0 so
     # that bit-level consumers (compact packs of F16/BF16 GGUFs, N:M detection) see one zero
     sparse = sparse + 0.0

@@ -49,6 +49,12 @@ def add_refine_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--skip-refine", action="append", default=[], choices=["attn", "mlp"],
                    help="prune but do not refine this group of Linears (repeatable; reference: mlp)")
     r.add_argument("--exact-max-swaps", type=int, default=128, help="exact: swaps per row at most (default 128)")
+    u = p.add_argument_group("weight update (after the mask is final)")
+    u.add_argument("--update", default="none", choices=["none", "admm"],
+                   help="admm = reconstruct the kept weights to minimise the calibration output error on the "
+                        "final mask (ADMM, exact zeros kept; never worse than the weights it starts from); "
+                        "none = keep them (default)")
+    u.add_argument("--admm-iterations", type=int, default=40, help="ADMM steps per Linear (default 40)")
     r.add_argument("--exact-top-k", type=int, default=8, help="exact: candidates per side per swap (default 8)")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", default="pydoc",
@@ -108,8 +114,10 @@ def prune_config(args: argparse.Namespace) -> Any:
         MagnitudeScope,
         Method,
         PruneConfig,
+        ReconstructConfig,
         Refinement,
         SparsityPattern,
+        Update,
         VarianceKind,
     )
 
@@ -131,6 +139,8 @@ def prune_config(args: argparse.Namespace) -> Any:
         ),
         exact=ExactConfig(max_swaps=args.exact_max_swaps, top_k=args.exact_top_k),
         skip_refine_groups=tuple(args.skip_refine),
+        update=Update(args.update),
+        reconstruct=ReconstructConfig(iterations=args.admm_iterations),
     )
 
 

@@ -76,6 +76,7 @@ def build_manifest(
                   "naming": source_naming(model_source)},
         "method": prune.method.value,
         "refinement": prune.refinement.value,
+        "update": prune.update.value,
         "pattern": {
             "kind": "n:m" if prune.pattern.is_nm else "unstructured",
             "n": prune.pattern.n or None,
