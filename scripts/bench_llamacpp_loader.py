@@ -37,6 +37,9 @@ from converters.llamacpp_loader import (  # noqa: E402
 )
 from dsnot_deploy.evaluation.validate import ValidateConfig, run_validation  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_validate import exported  # noqa: E402  (the same cached export of a checkpoint)
+
 SHARED = ROOT.parent / "shared" / "data"
 log = logging.getLogger("bench_llamacpp_loader")
 
@@ -74,15 +77,6 @@ def sparse_checkpoint(args: argparse.Namespace) -> Path:
                      "--nsamples", "16", "--seqlen", "512", "--calib", calibration_file(args), "-q"])
     if code != 0:
         raise SystemExit(f"refine failed with exit code {code}")
-    return out
-
-
-def exported(ckpt: Path, qtype: str) -> Path:
-    from converters.gguf_export import ExportConfig, export_gguf
-
-    out = ckpt.with_name(f"{ckpt.name}-{qtype}.gguf")
-    if not out.is_file():
-        export_gguf(ckpt, out, ExportConfig(qtype=qtype, progress=False))
     return out
 
 

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dsnot_deploy.algorithms.config import (  # noqa: E402
+    Method,
     PruneConfig,
     ReconstructConfig,
     Refinement,
@@ -31,7 +32,11 @@ from dsnot_deploy.algorithms.config import (  # noqa: E402
 from dsnot_deploy.evaluation.perplexity import perplexity_paper  # noqa: E402
 from dsnot_deploy.layerwise.driver import DriverConfig, run_layers  # noqa: E402
 from dsnot_deploy.sources.models import find_decoder_layers, load_model  # noqa: E402
-from dsnot_deploy.sources.textdata import load_text_source, sample_calibration, tokenize_eval  # noqa: E402
+from dsnot_deploy.sources.textdata import (  # noqa: E402
+    load_text_source,
+    sample_calibration,
+    tokenize_eval,
+)
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -47,8 +52,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-seqlen", type=int, default=1024)
     p.add_argument("--eval-chunks", type=int, default=8)
     p.add_argument("--patterns", nargs="+", default=["0.5", "2:4"])
-    p.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.3])
+    p.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.1])
+    p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--refinement", default="none", choices=["none", "dsnot", "exact"])
     p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--name", default="bench_update")
     return p.parse_args()
 
 
@@ -66,13 +74,14 @@ def main() -> None:
         for update, damping in variants:
             model = load_model(args.model).model
             _, layers = find_decoder_layers(model)
-            prune = PruneConfig(pattern=pattern, refinement=Refinement.NONE, update=Update(update),
+            prune = PruneConfig(method=Method(args.method), pattern=pattern, refinement=Refinement(args.refinement),
+                                update=Update(update),
                                 reconstruct=ReconstructConfig(damping=damping if damping is not None else 0.01))
             t0 = time.perf_counter()
             res = run_layers(model, layers, samples, DriverConfig(prune=prune, measure_error=True, progress=False))
             seconds = time.perf_counter() - t0
             errors = [lin.output_error_final for layer in res.layers for lin in layer.linears]
-            row = {"pattern": pat, "update": update, "damping": damping, "refine_seconds": seconds,
+            row = {"pattern": pat, "method": args.method, "refinement": args.refinement, "update": update, "damping": damping, "refine_seconds": seconds,
                    "mean_calibration_error": sum(errors) / len(errors)}
             with torch.no_grad():
                 for name, ids in texts.items():
@@ -85,10 +94,12 @@ def main() -> None:
 
 def write(args: argparse.Namespace, rows: list[dict]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_update.json").write_text(json.dumps(
+    (args.out / f"{args.name}.json").write_text(json.dumps(
         {"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2) + "\n")
-    lines = ["# Weight reconstruction (ADMM) after the Wanda mask on SmolLM2-135M (scripts/bench_update.py)", "",
-             f"Calibration {args.nsamples} x {args.seqlen} C4 train tokens; Wanda mask, no mask refinement; paper "
+    lines = [f"# Weight reconstruction (ADMM) after {args.method} + refinement {args.refinement} on SmolLM2-135M "
+             "(scripts/bench_update.py)", "",
+             f"Calibration {args.nsamples} x {args.seqlen} C4 train tokens; {args.method} mask, refinement "
+             f"{args.refinement}; paper "
              f"protocol, {args.eval_chunks} x {args.eval_seqlen} tokens of WikiText-2 validation (where the damping is "
              "chosen) and test (reported). Calibration error: mean relative output error over the Linears.", "",
              "| pattern | update | damping | calibration error | ppl valid | ppl test | refine s |",
@@ -97,7 +108,7 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         lines.append(f"| {r['pattern']} | {r['update']} | {r['damping'] if r['damping'] is not None else '-'} | "
                      f"{r['mean_calibration_error']:.4f} | {r['ppl_valid']:.2f} | {r['ppl_test']:.2f} | "
                      f"{r['refine_seconds']:.0f} |")
-    (args.out / "bench_update.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
