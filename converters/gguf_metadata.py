@@ -3,6 +3,7 @@ way llama.cpp's converter names models) and the dsnot.* provenance of a refined 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import gguf
@@ -51,14 +52,13 @@ NAMING_WRITERS = {"name": "add_name", "basename": "add_basename", "finetune": "a
 
 
 def naming_keys(ckpt: HFCheckpoint, given: tuple[tuple[str, str], ...] | None, n_params: int) -> dict[str, str]:
-    """The general.* naming keys: the source's as recorded by refine, else ``given``, else config.json's
-    ``_name_or_path`` (a Hub id) or the folder name; the size label from the parameter count when
-    the source has none (llama.cpp's rule: 135M, 1.2B, ...)."""
+    """The general.* naming keys: the source's as recorded by refine, else ``given`` (what the caller
+    knows of the source, ``dsnot_deploy.sources.naming``), else the last part of config.json's
+    ``_name_or_path`` or the folder name; the size label from the parameter count when the source
+    has none (llama.cpp's rule: 135M, 1.2B, ...)."""
     naming = dict(((ckpt.manifest or {}).get("model") or {}).get("naming") or {}) or dict(given or ())
     if not naming.get("name"):
-        origin = str(ckpt.config.get("_name_or_path") or "")
-        naming["name"] = origin.split("/")[-1] if origin.count("/") == 1 and not origin.startswith(("/", ".")) \
-            else ckpt.root.resolve().name
+        naming["name"] = Path(str(ckpt.config.get("_name_or_path") or "")).name or ckpt.root.resolve().name
     if not naming.get("size_label"):
         naming["size_label"] = gguf.size_label(n_params, 0, 0, 0)
     return {k: str(v) for k, v in naming.items() if k in NAMING_WRITERS and v}

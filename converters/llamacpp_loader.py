@@ -172,6 +172,7 @@ def open_llama(path: str | os.PathLike[str], *, n_ctx: int, n_batch: int | None 
 
 def describe_runtime() -> dict[str, Any]:
     """For reports: the llama.cpp version, this CPU's AMX and the extra-buffer decision."""
-    choice = resolve_extra_buffers()
-    return {"llamacpp": llamacpp_version(), "cpu_amx": cpu_has_amx(cpu_flags()),
+    flags = cpu_flags()
+    choice = resolve_extra_buffers(flags=flags)
+    return {"llamacpp": llamacpp_version(), "cpu_amx": cpu_has_amx(flags),
             "extra_buffer_types": choice.enabled, "extra_buffer_policy": choice.policy, "reason": choice.reason}

@@ -32,7 +32,7 @@ def check_output_file(path: Path, force: bool) -> Path:
     """
     path = Path(path)
     if path.exists() and not force:
-        raise UserInputError(f"output {path} already exists; pass --force to replace it")
+        raise UserInputError(exists_message(path))
     if path.is_dir():
         raise UserInputError(f"output {path} is a directory; expected a file name")
     folder = path.absolute().parent

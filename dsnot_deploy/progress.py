@@ -80,8 +80,3 @@ def track(progress: Progress, items: Iterable[T], desc: str, unit: str = "it") -
         for item in items:
             yield item
             bar.update(1)
-
-
-def as_flag(progress: Progress) -> bool:
-    """For reports: whether bars were shown."""
-    return bool(progress)

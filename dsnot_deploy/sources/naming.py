@@ -13,13 +13,11 @@ The size label is left to the exporter, which counts the parameters it writes.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-from dsnot_deploy.sources.specs import ModelSource, resolve_model_source
+from dsnot_deploy.sources.specs import HUB_ID_RE, ModelSource, resolve_model_source
 
 NAMING_KEYS = ("name", "basename", "finetune", "organization", "size_label", "license", "version")
-_HUB_ID = re.compile(r"^[A-Za-z0-9_][\w.\-]*/[A-Za-z0-9_][\w.\-]*$")
 
 
 def source_naming(spec: str) -> dict[str, str]:
@@ -57,7 +55,7 @@ def _directory_naming(directory: Path) -> dict[str, str]:
     except (OSError, ValueError):
         config = {}
     origin = str(config.get("_name_or_path") or "")
-    naming = _hub_naming(origin) if _HUB_ID.match(origin) else {"name": directory.resolve().name}
+    naming = _hub_naming(origin) if HUB_ID_RE.match(origin) else {"name": directory.resolve().name}
     license_name = readme_license(directory / "README.md")
     if license_name:
         naming["license"] = license_name

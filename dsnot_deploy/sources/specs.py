@@ -11,7 +11,7 @@ from pathlib import Path
 from dsnot_deploy.errors import UserInputError
 
 # `org/name`: Hub ids allow letters, digits, '-', '_' and '.'; neither part may start with '.'/'-'.
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*/[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*/[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def resolve_model_source(spec: str) -> ModelSource:
         )
     if path.suffix.lower() == ".gguf":
         raise UserInputError(f"GGUF file not found: {path}")
-    if _HUB_ID_RE.match(spec) and not spec.startswith(("./", "../", "/", "~")):
+    if HUB_ID_RE.match(spec) and not spec.startswith(("./", "../", "/", "~")):
         return ModelSource(kind="hub", location=spec, spec=spec)
     raise UserInputError(
         f"expected a model alias ({', '.join(sorted(MODEL_ALIASES))}), a .gguf file, a checkpoint "
