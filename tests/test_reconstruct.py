@@ -132,3 +132,30 @@ def test_refine_with_admm_lowers_every_linears_calibration_error(tmp_path: Path)
     for lin in admm["linears"]:
         assert lin["output_error_final"] <= lin["output_error_init"] + 1e-12, lin["name"]
     assert admm["error"]["mean_relative_output_error_final"] < runs["none"]["error"]["mean_relative_output_error_final"]
+
+
+@pytest.mark.parametrize("pattern", [SparsityPattern.unstructured(0.6), SparsityPattern.nm(2, 4)])
+def test_alternating_rounds_never_raise_the_calibration_error_and_keep_counts(pattern: SparsityPattern) -> None:
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(16, 32, generator=g)
+    stats = ChannelStats(32, True)
+    accumulate(stats, torch.randn(4, 64, 32, generator=g) * torch.logspace(0, 2, 32))
+    h = stats.hessian
+    errors, zeros = [], []
+    for rounds in (1, 2, 3):
+        config = PruneConfig(pattern=pattern, refinement=Refinement.EXACT, update=Update.ADMM,
+                             reconstruct=ReconstructConfig(rounds=rounds))
+        sel = select_weights(weight, stats, config)
+        errors.append(output_error(weight, sel.sparse, h))
+        zeros.append((sel.sparse == 0).sum(dim=1))
+    assert errors[1] <= errors[0] * (1 + 1e-6) and errors[2] <= errors[1] * (1 + 1e-6)
+    assert all(torch.equal(z, zeros[0]) for z in zeros)
+
+
+def test_rounds_need_the_exact_search_and_admm() -> None:
+    with pytest.raises(UserInputError):
+        PruneConfig(refinement=Refinement.DSNOT, update=Update.ADMM, reconstruct=ReconstructConfig(rounds=2))
+    with pytest.raises(UserInputError):
+        PruneConfig(refinement=Refinement.EXACT, reconstruct=ReconstructConfig(rounds=2))
+    with pytest.raises(UserInputError):
+        ReconstructConfig(rounds=0)

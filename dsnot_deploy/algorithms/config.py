@@ -35,6 +35,13 @@ class Update(str, Enum):
     ADMM = "admm"  # reconstruct them: minimise the calibration output error on the mask
 
 
+class Allocation(str, Enum):
+    """How the target sparsity is spread over the decoder layers (docs/allocation.md)."""
+
+    UNIFORM = "uniform"  # every layer at the target
+    OWL = "owl"  # outlier-weighted layer-wise sparsity (Yin et al. 2024)
+
+
 class VarianceKind(str, Enum):
     WITHIN_SAMPLE = "within-sample"  # reference parity: mean of per-sample variances
     POOLED = "pooled"  # variance over all B*L tokens (Chan merge)
@@ -121,10 +128,15 @@ class ExactConfig:
     pool: int = 32  # per-row candidate pool per side, from which the K best are taken each swap
     refresh_every: int = 8  # swaps between rebuilds of the pool from the whole row (1 = every swap)
     rel_tol: float = 1e-7  # a swap must lower the row error by more than rel_tol * dense row energy
+    # calibration guard: the search judges swaps on (1 - shrink) H + shrink diag(H), which trusts the
+    # calibration tokens' channel correlations less (docs/decisions.md, calibration)
+    shrink: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_swaps < 0 or self.top_k < 1 or self.pool < 1 or self.refresh_every < 1:
             raise UserInputError(f"exact refinement needs max_swaps >= 0 and top_k >= 1; got {self}")
+        if not 0.0 <= self.shrink <= 1.0:
+            raise UserInputError(f"expected the exact search's shrink toward diag(H) in [0, 1]; found {self.shrink}")
 
 
 @dataclass(frozen=True)
@@ -146,10 +158,29 @@ class ReconstructConfig:
     rho: float = 0.05
     growth: float = 1.1
     damping: float = 0.1
+    # rounds of (exact mask search, reconstruction); rounds after the first re-run the exact search
+    # against the reconstructed weights (only with the exact refinement)
+    rounds: int = 1
 
     def __post_init__(self) -> None:
-        if self.iterations < 1 or not self.rho > 0 or not self.growth >= 1 or not self.damping >= 0:
-            raise UserInputError(f"expected iterations >= 1, rho > 0, growth >= 1 and damping >= 0; found {self}")
+        if self.iterations < 1 or not self.rho > 0 or not self.growth >= 1 or not self.damping >= 0 or self.rounds < 1:
+            raise UserInputError(f"expected iterations >= 1, rho > 0, growth >= 1, damping >= 0 and rounds >= 1; "
+                                 f"found {self}")
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    """Layer-wise allocation; OWL's outlier threshold M and spread lambda default to the paper's
+    LLaMA values (M = 5, lambda = 0.08). N:M patterns are per-group rules and always uniform."""
+
+    kind: Allocation = Allocation.UNIFORM
+    outlier_threshold: float = 5.0
+    spread: float = 0.08
+
+    def __post_init__(self) -> None:
+        if not self.outlier_threshold > 0 or not 0 <= self.spread < 0.5:
+            raise UserInputError(f"expected outlier threshold M > 0 and spread lambda in [0, 0.5); found "
+                                 f"M={self.outlier_threshold}, lambda={self.spread}")
 
 
 LAYER_GROUPS = ("attn", "mlp")
@@ -169,11 +200,21 @@ class PruneConfig:
     skip_refine_groups: tuple[str, ...] = ()  # "attn" and/or "mlp": pruned but not refined
     update: Update = Update.NONE
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
 
     def __post_init__(self) -> None:
         bad = [g for g in self.skip_refine_groups if g not in LAYER_GROUPS]
         if bad:
             raise UserInputError(f"skip groups must be among {LAYER_GROUPS}; got {bad}")
+        if self.reconstruct.rounds > 1 and (self.refinement is not Refinement.EXACT or self.update is not Update.ADMM):
+            raise UserInputError(f"expected --refine exact and --update admm for {self.reconstruct.rounds} rounds of "
+                                 f"search and reconstruction; found --refine {self.refinement.value} and --update "
+                                 f"{self.update.value}")
+
+    @property
+    def allocates(self) -> bool:
+        """True when layers get their own sparsity (a non-uniform rule on an unstructured pattern)."""
+        return self.allocation.kind is not Allocation.UNIFORM and not self.pattern.is_nm
 
     @property
     def needs_hessian(self) -> bool:

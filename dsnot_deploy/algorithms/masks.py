@@ -1,10 +1,12 @@
 """Initial masks from scores (algorithms.md section 3). A mask is bool, True = kept.
 
 Ranking is stable (ties pruned in column order) and counts are exact: every row of an
-unstructured per-row mask prunes exactly int(cols * s) weights, every group of M prunes N.
+unstructured per-row mask prunes exactly floor(cols * s) weights, every group of M prunes N.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -28,15 +30,21 @@ def working_copies(dense: torch.Tensor, sparse: torch.Tensor, mask: torch.Tensor
     return dense.detach().float(), sparse.detach().float().clone(), mask.clone()
 
 
+def prune_count(size: int, sparsity: float) -> int:
+    """floor(size * sparsity), robust to the product landing a rounding error below an integer
+    (0.7 * 90 = 62.99999999999999 is 63; count / size * size is count)."""
+    return int(math.floor(size * sparsity + 1e-6))
+
+
 def wanda_scores(weight: torch.Tensor, sqnorm: torch.Tensor) -> torch.Tensor:
     """S_ij = |W_ij| * sqrt(sqnorm_j), float32, (rows, cols)."""
     return weight.float().abs() * sqnorm.float().sqrt().unsqueeze(0)
 
 
 def per_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Prune the int(cols * sparsity) lowest scores of every row."""
+    """Prune the prune_count(cols, sparsity) lowest scores of every row."""
     rows, cols = scores.shape
-    n_prune = int(cols * sparsity)
+    n_prune = prune_count(cols, sparsity)
     mask = torch.ones(rows, cols, dtype=torch.bool, device=scores.device)
     if n_prune:
         order = torch.sort(scores, dim=1, stable=True).indices[:, :n_prune]
@@ -45,9 +53,9 @@ def per_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def per_matrix_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Prune the int(numel * sparsity) lowest scores of the whole matrix."""
+    """Prune the prune_count(numel, sparsity) lowest scores of the whole matrix."""
     flat = scores.reshape(-1)
-    n_prune = int(flat.numel() * sparsity)
+    n_prune = prune_count(flat.numel(), sparsity)
     mask = torch.ones_like(flat, dtype=torch.bool)
     if n_prune:
         order = torch.sort(flat, stable=True).indices[:n_prune]

@@ -62,6 +62,15 @@ class Selection:
     hessian: torch.Tensor | None  # H on the weights' device, when the statistics hold X^T X
 
 
+def shrink_toward_diagonal(hessian: torch.Tensor, shrink: float) -> torch.Tensor:
+    """(1 - shrink) H + shrink diag(H): the same diagonal, off-diagonal terms scaled by 1 - shrink."""
+    if not shrink:
+        return hessian
+    shrunk = hessian * (1.0 - shrink)
+    shrunk.diagonal().copy_(hessian.diagonal())
+    return shrunk
+
+
 def select_weights(weight: torch.Tensor, stats: ChannelStats, config: PruneConfig, refine: bool = True) -> Selection:
     """Initial mask (magnitude / Wanda / SparseGPT) and refinement of one Linear; ``weight`` (rows, cols)."""
     dense = weight.detach().float()
@@ -93,15 +102,22 @@ def select_weights(weight: torch.Tensor, stats: ChannelStats, config: PruneConfi
         sparse, swaps = result.weight, result.swaps
     elif refinement is Refinement.EXACT:
         assert hessian is not None
-        result = exact_refine(dense, sparse, mask, hessian, config.pattern, config.exact)
+        searched = shrink_toward_diagonal(hessian, config.exact.shrink)
+        result = exact_refine(dense, sparse, mask, searched, config.pattern, config.exact)
         sparse, swaps = result.weight, result.swaps
-        errors = (float(result.objective_before.sum()), float(result.objective_after.sum()))
+        if not config.exact.shrink:  # otherwise the search's objective is not the reported error
+            errors = (float(result.objective_before.sum()), float(result.objective_after.sum()))
     if refinement is not Refinement.NONE:
         mask = result.mask
     if config.update is Update.ADMM:
         assert hessian is not None
         sparse = admm_reconstruct(dense, sparse, mask, hessian, config.reconstruct).float()
         errors = None  # the refinement's (init, final) no longer describe the final weights
+        for _ in range(config.reconstruct.rounds - 1 if refinement is Refinement.EXACT else 0):
+            # alternate: search again against the reconstructed weights, then reconstruct the new mask
+            again = exact_refine(dense, sparse, mask, searched, config.pattern, config.exact)
+            swaps, mask = swaps + again.swaps, again.mask
+            sparse = admm_reconstruct(dense, again.weight, mask, hessian, config.reconstruct).float()
     # W * mask leaves -0.0 where a negative weight was pruned; store every pruned weight as +0.0 so
     # that bit-level consumers (compact packs of F16/BF16 GGUFs, N:M detection) see one zero
     sparse = sparse + 0.0

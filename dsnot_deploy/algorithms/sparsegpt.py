@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dsnot_deploy.algorithms.config import SparseGPTConfig, SparsityPattern
-from dsnot_deploy.algorithms.masks import check_shape
+from dsnot_deploy.algorithms.masks import check_shape, prune_count
 
 
 def _prune_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -56,8 +56,9 @@ def sparsegpt_prune(
         d1 = torch.diag(U1)
         Err1 = torch.zeros_like(W1)
         P1 = torch.zeros_like(W1, dtype=torch.bool)
-        if not pattern.is_nm:
-            P1 = _prune_lowest(W1.pow(2) / d1.pow(2).unsqueeze(0), int(W1.numel() * pattern.sparsity))
+        if not pattern.is_nm:  # cumulative counts: the matrix prunes exactly floor(rows * cols * s)
+            count = prune_count(rows * i2, pattern.sparsity) - prune_count(rows * i1, pattern.sparsity)
+            P1 = _prune_lowest(W1.pow(2) / d1.pow(2).unsqueeze(0), count)
         for i in range(i2 - i1):
             if pattern.is_nm and i % pattern.m == 0:
                 group = W1[:, i : i + pattern.m].pow(2) / d1[i : i + pattern.m].pow(2).unsqueeze(0)

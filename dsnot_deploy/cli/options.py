@@ -55,7 +55,22 @@ def add_refine_options(p: argparse.ArgumentParser) -> None:
                         "final mask (ADMM, exact zeros kept; never worse than the weights it starts from); "
                         "none = keep them (default)")
     u.add_argument("--admm-iterations", type=int, default=40, help="ADMM steps per Linear (default 40)")
+    u.add_argument("--rounds", type=int, default=1,
+                   help="with --refine exact --update admm: rounds of mask search and reconstruction, each search "
+                        "after the first judged against the reconstructed weights (default 1)")
     r.add_argument("--exact-top-k", type=int, default=8, help="exact: candidates per side per swap (default 8)")
+    r.add_argument("--exact-shrink", type=float, default=0.0, metavar="A",
+                   help="exact: judge swaps on (1-A) H + A diag(H), a guard against fitting the calibration "
+                        "tokens' channel correlations (default 0)")
+    a = p.add_argument_group("layer-wise allocation (unstructured patterns)")
+    a.add_argument("--allocation", default="uniform", choices=["uniform", "owl"],
+                   help="owl = each decoder layer's sparsity from its share of outlier activations-times-weights "
+                        "(OWL; measured on the dense model, one extra pass), the model's pruned-weight count "
+                        "unchanged; uniform = every layer at the target (default). N:M stays uniform")
+    a.add_argument("--owl-threshold", type=float, default=5.0, metavar="M",
+                   help="OWL: a score is an outlier above M x its layer's mean score (default 5, the paper's)")
+    a.add_argument("--owl-spread", type=float, default=0.08, metavar="LAMBDA",
+                   help="OWL: layer sparsities span target +- LAMBDA at most (default 0.08, the paper's)")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", default="pydoc",
                    help="calibration text: c4, wikitext2 (via datasets), a .txt/.raw/.jsonl/.json.gz file, "
@@ -109,6 +124,8 @@ def scale_job_options(args: argparse.Namespace) -> dict[str, Any]:
 def prune_config(args: argparse.Namespace) -> Any:
     """The PruneConfig of the pruning and refinement options."""
     from dsnot_deploy.algorithms.config import (
+        Allocation,
+        AllocationConfig,
         DSnoTConfig,
         ExactConfig,
         MagnitudeScope,
@@ -137,10 +154,12 @@ def prune_config(args: argparse.Namespace) -> Any:
             same_sign=args.same_sign,
             variance=VarianceKind(args.variance),
         ),
-        exact=ExactConfig(max_swaps=args.exact_max_swaps, top_k=args.exact_top_k),
+        exact=ExactConfig(max_swaps=args.exact_max_swaps, top_k=args.exact_top_k, shrink=args.exact_shrink),
         skip_refine_groups=tuple(args.skip_refine),
         update=Update(args.update),
-        reconstruct=ReconstructConfig(iterations=args.admm_iterations),
+        reconstruct=ReconstructConfig(iterations=args.admm_iterations, rounds=args.rounds),
+        allocation=AllocationConfig(kind=Allocation(args.allocation), outlier_threshold=args.owl_threshold,
+                                    spread=args.owl_spread),
     )
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from dsnot_deploy.algorithms.allocation import LayerAllocation
 from dsnot_deploy.algorithms.config import PruneConfig
 from dsnot_deploy.algorithms.pruner import LinearReport
 from dsnot_deploy.algorithms.stats import ChannelStats, accumulate
@@ -45,6 +46,8 @@ class DriverConfig:
     # Leave every layer where it is (a model dispatched over several devices with accelerate's
     # device_map) and process it on its own device, instead of moving it to `device`.
     layers_in_place: bool = False
+    # Per-layer counts of a non-uniform allocation (``layerwise.allocate``); None: the pattern everywhere
+    allocation: LayerAllocation | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -82,6 +85,13 @@ class LayerStateStore(Protocol):
     def save(self, index: int, tensors: dict[str, torch.Tensor], report: LayerReport) -> None: ...
 
     def restore(self, index: int) -> tuple[dict[str, torch.Tensor], LayerReport]: ...
+
+
+class LayerObserver(Protocol):
+    """Called with each decoder layer (on its device), its inputs and call, before it is processed."""
+
+    def __call__(self, index: int, layer: nn.Module, hidden: torch.Tensor, call: LayerCall,
+                 config: DriverConfig) -> None: ...
 
 
 def layer_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
@@ -218,7 +228,10 @@ def process_layer(
             st = stats[name]
             report.input_sq_mean[name] = (st.sq_sum / max(st.n_tokens, 1)).detach().to("cpu", torch.float32)
             refine = linear_group(name) not in prune.skip_refine_groups
-            new_weight, lrep = prune_linear(f"{index}.{name}", mod.weight, stats[name], prune, refine)
+            own = prune
+            if config.allocation is not None:
+                own = replace(prune, pattern=config.allocation.pattern(index, name, prune.pattern))
+            new_weight, lrep = prune_linear(f"{index}.{name}", mod.weight, stats[name], own, refine)
             mod.weight.data.copy_(new_weight.to(mod.weight.dtype))
             mask_seconds += lrep.mask_seconds
             report.linears.append(lrep)
@@ -229,8 +242,6 @@ def process_layer(
 
 
 def _with_device(config: DriverConfig, device: torch.device | str) -> DriverConfig:
-    from dataclasses import replace
-
     return replace(config, device=str(device))
 
 
@@ -250,11 +261,14 @@ def run_layers(
     config: DriverConfig,
     on_layer_done: Callable[[LayerReport], None] | None = None,
     state: LayerStateStore | None = None,
+    before_layer: LayerObserver | None = None,
 ) -> DriverResult:
     """Prune (or just run, when config.prune is None) every decoder layer in order, in place.
 
     With `config.layers_in_place` each layer is processed on the device it lives on (several
     GPUs through accelerate's device_map); otherwise it visits `config.device` and goes back.
+    ``before_layer(i, layer, hidden, call, config)`` sees each layer on its device with its inputs
+    before it is processed (the allocation pass measures the dense layers with it).
     With a `state`, the first `state.done` layers take their pruned tensors and reports from it
     and are only propagated; every layer pruned here is saved to it once finished.
     """
@@ -289,6 +303,8 @@ def run_layers(
             home = next(layer.parameters()).device
             layer.to(layer_device)
         call = LayerCall(args=to_device(calls[i].args, layer_device), kwargs=to_device(calls[i].kwargs, layer_device))
+        if before_layer is not None:
+            before_layer(i, layer, hidden, call, replace(config, device=str(layer_device)))
         if state is not None and i < state.done:
             tensors, report = state.restore(i)
             layer.load_state_dict(tensors, strict=True)

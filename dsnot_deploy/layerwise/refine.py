@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 
-from dsnot_deploy.algorithms.config import PruneConfig
+from dsnot_deploy.algorithms.allocation import LayerAllocation
+from dsnot_deploy.algorithms.config import Allocation, PruneConfig
 from dsnot_deploy.algorithms.masks import check_shape
 from dsnot_deploy.atomic import remove_stale_temporaries
 from dsnot_deploy.errors import UserInputError
+from dsnot_deploy.layerwise.allocate import plan_allocation, plan_allocation_streamed
 from dsnot_deploy.layerwise.driver import DriverConfig, DriverResult, run_layers
 from dsnot_deploy.layerwise.manifest import MANIFEST_NAME, build_manifest, dumps
 from dsnot_deploy.progress import Progress
@@ -169,9 +171,11 @@ def refine(job: RefineJob) -> dict[str, Any]:
         len(layers), layers_path, job.prune.method.value, job.prune.refinement.value,
         job.prune.pattern.describe(), cal.nsamples, cal.seqlen, cal.source,
     )
+    config = replace(_driver_config(job), device=device)
+    allocation = plan_allocation(model, layers, samples, config)
     state = _open_state(job, samples, loaded.source.path, len(layers))
     with _state_kept_on_failure(state):
-        result = run_layers(model, layers, samples, replace(_driver_config(job), device=device), state=state)
+        result = run_layers(model, layers, samples, replace(config, allocation=allocation), state=state)
         manifest = build_manifest(
             model,
             job.prune,
@@ -179,7 +183,7 @@ def refine(job: RefineJob) -> dict[str, Any]:
             calibration=asdict(cal),
             model_source=job.model,
             layers_path=layers_path,
-            extra={"run": _run_record(job)},
+            extra={"run": _run_record(job), "allocation": allocation_record(job.prune, allocation)},
         )
         manifest["times"]["end_to_end_seconds"] = time.perf_counter() - t0
         save_checkpoint(model, tokenizer, job.outdir, manifest_name=MANIFEST_NAME, manifest=dumps(manifest),
@@ -278,6 +282,17 @@ def calibration_stats_bytes(result: DriverResult, layers_path: str) -> bytes:
     return save(tensors, metadata={"format": "pt"})
 
 
+def allocation_record(prune: PruneConfig, allocation: LayerAllocation | None) -> dict[str, Any]:
+    """The manifest's ``allocation`` entry: OWL's ratios and counts, or the uniform rule (and why)."""
+    if allocation is not None:
+        return allocation.record()
+    record: dict[str, Any] = {"kind": Allocation.UNIFORM.value}
+    if prune.allocation.kind is not Allocation.UNIFORM:
+        record["requested"] = prune.allocation.kind.value
+        record["reason"] = "N:M patterns prune every group alike"
+    return record
+
+
 def _run_record(job: RefineJob) -> dict[str, Any]:
     record: dict[str, Any] = {"device": job.device, "dtype": job.dtype, "batch_size": job.batch_size}
     if job.stream:
@@ -325,14 +340,17 @@ def refine_streaming(job: RefineJob) -> dict[str, Any]:
         len(layers), layers_path, directory, job.prune.method.value, job.prune.refinement.value,
         job.prune.pattern.describe(), cal.nsamples, cal.seqlen, cal.source,
     )
+    allocation = plan_allocation_streamed(skeleton, checkpoint, samples, _driver_config(job), plan)
     state = _open_state(job, samples, directory, len(layers))
     with _state_kept_on_failure(state), ShardedCheckpointWriter(job.outdir, plan.n_shards, force=job.force) as writer:
-        streamed = stream_layers(skeleton, checkpoint, samples, _driver_config(job), writer, plan=plan, state=state)
+        streamed = stream_layers(skeleton, checkpoint, samples, replace(_driver_config(job), allocation=allocation),
+                                 writer, plan=plan, state=state)
         # build_manifest counts zeros over a model's parameters; the skeleton holds none (meta), so
         # it gets an empty module and the counts come from the tensors the writer wrote.
         manifest = build_manifest(
             torch.nn.Module(), job.prune, streamed.driver, calibration=asdict(cal), model_source=job.model,
-            layers_path=layers_path, extra={"run": _run_record(job)},
+            layers_path=layers_path,
+            extra={"run": _run_record(job), "allocation": allocation_record(job.prune, allocation)},
         )
         manifest["model"]["class"] = type(skeleton).__name__
         s = manifest["sparsity"]

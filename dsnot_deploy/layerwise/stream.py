@@ -34,6 +34,7 @@ from dsnot_deploy.layerwise.capture import LayerCall, capture_layer_inputs, to_d
 from dsnot_deploy.layerwise.driver import (
     DriverConfig,
     DriverResult,
+    LayerObserver,
     LayerReport,
     LayerStateStore,
     allocate_activations,
@@ -270,6 +271,7 @@ def stream_layers(
     plan: StreamPlan | None = None,
     on_layer_done: Callable[[LayerReport], None] | None = None,
     state: LayerStateStore | None = None,
+    before_layer: LayerObserver | None = None,
 ) -> StreamResult:
     """Prune every decoder layer of the checkpoint in order, streaming it; write every output shard.
 
@@ -320,6 +322,8 @@ def stream_layers(
             if buffer.device != device:
                 _set_tensor(layer, name, device)
         call = LayerCall(args=to_device(calls[i].args, device), kwargs=to_device(calls[i].kwargs, device))
+        if before_layer is not None:
+            before_layer(i, layer, hidden, call, config)
         if restored:
             propagate_restored(layer, hidden, out, call, config, device)
             seconds = sum(lin.mask_seconds for lin in report.linears)
