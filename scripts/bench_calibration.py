@@ -42,7 +42,11 @@ from dsnot_deploy.algorithms.sparsegpt import sparsegpt_prune  # noqa: E402
 from dsnot_deploy.layerwise.capture import capture_layer_inputs  # noqa: E402
 from dsnot_deploy.layerwise.driver import DriverConfig, _calibrate, _linears, _run_layer  # noqa: E402
 from dsnot_deploy.sources.models import find_decoder_layers, load_model  # noqa: E402
-from dsnot_deploy.sources.textdata import load_text_source, sample_calibration, tokenize_eval  # noqa: E402
+from dsnot_deploy.sources.textdata import (  # noqa: E402
+    load_text_source,
+    sample_calibration,
+    tokenize_eval,
+)
 
 SHARED = ROOT.parent / "shared" / "data"
 LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")

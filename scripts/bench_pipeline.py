@@ -42,9 +42,19 @@ from dsnot_deploy.algorithms.reconstruct import output_error  # noqa: E402
 from dsnot_deploy.evaluation.perplexity import perplexity_paper  # noqa: E402
 from dsnot_deploy.layerwise.allocate import plan_allocation  # noqa: E402
 from dsnot_deploy.layerwise.capture import LayerCall, capture_layer_inputs, to_device  # noqa: E402
-from dsnot_deploy.layerwise.driver import DriverConfig, _calibrate, _linears, _run_layer, run_layers  # noqa: E402
+from dsnot_deploy.layerwise.driver import (  # noqa: E402
+    DriverConfig,
+    _calibrate,
+    _linears,
+    _run_layer,
+    run_layers,
+)
 from dsnot_deploy.sources.models import find_decoder_layers, load_model  # noqa: E402
-from dsnot_deploy.sources.textdata import load_text_source, sample_calibration, tokenize_eval  # noqa: E402
+from dsnot_deploy.sources.textdata import (  # noqa: E402
+    load_text_source,
+    sample_calibration,
+    tokenize_eval,
+)
 
 SHARED = ROOT.parent / "shared" / "data"
 TEXTS = {

@@ -5,9 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsnot_deploy.algorithms.config import ExactConfig, PruneConfig, Refinement, SparsityPattern
+from dsnot_deploy.algorithms.config import (
+    ExactConfig,
+    PruneConfig,
+    Refinement,
+    SparsityPattern,
+)
 from dsnot_deploy.algorithms.exact import row_errors
-from dsnot_deploy.algorithms.pruner import linear_report, select_weights, shrink_toward_diagonal
+from dsnot_deploy.algorithms.pruner import (
+    linear_report,
+    select_weights,
+    shrink_toward_diagonal,
+)
 from dsnot_deploy.algorithms.stats import ChannelStats, accumulate
 from dsnot_deploy.errors import UserInputError
 
