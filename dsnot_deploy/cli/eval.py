@@ -10,13 +10,14 @@ from typing import Any
 from dsnot_deploy.cli.common import EXIT_OK, progress_for
 from dsnot_deploy.cli.options import add_device_options
 from dsnot_deploy.protocols import PROTOCOLS
+from dsnot_deploy.sources.aliases import alias_names
 
 
 def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     e = sub.add_parser("eval", help="perplexity of a model under the paper or llama.cpp protocol",
                        description="Perplexity with the paper protocol (all positions of 2048-token chunks) or "
                                    "llama.cpp's (second half of each chunk, BOS first).")
-    e.add_argument("model", help="HF model id, local checkpoint dir, .gguf file, or alias smollm2-135m")
+    e.add_argument("model", help=f"HF model id, local checkpoint dir, .gguf file, or alias ({alias_names()})")
     e.add_argument("--text", default="pydoc", help="wikitext2, c4, a local file, or pydoc (default)")
     e.add_argument("--split", default=None, help="dataset split for wikitext2/c4 (default test/validation)")
     e.add_argument("--protocol", default="paper", choices=list(PROTOCOLS))

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dsnot_deploy.cli.common import EXIT_OK, add_logging_options, progress_for
+from dsnot_deploy.sources.aliases import alias_names
 
 
 def _type_help() -> str:
@@ -36,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
         epilog="types: " + _type_help(),
     )
     p.add_argument("checkpoint", metavar="MODEL",
-                   help="checkpoint directory (safetensors + config + tokenizer), alias smollm2-135m, .gguf file or "
-                        "HF model id")
+                   help="checkpoint directory (safetensors + config + tokenizer), alias "
+                        f"({alias_names()}), .gguf file or HF model id")
     p.add_argument("out", type=Path, help="output .gguf file (written atomically)")
     p.add_argument("--type", dest="qtype", default="F16", metavar="TYPE",
                    help=f"output type (default F16): {' '.join(_zero_keeping())}, or a llama.cpp mix such as "

@@ -14,13 +14,14 @@ from dsnot_deploy.cli.options import (
     add_scale_options,
     refine_job,
 )
+from dsnot_deploy.sources.aliases import alias_names
 
 
 def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     p = sub.add_parser("refine", help="prune a model layer by layer and save a sparse checkpoint",
                        description="Prune every Linear of the decoder layers (magnitude/Wanda/SparseGPT), "
                                    "refine the masks (exact or DSnoT), save a HF checkpoint + sparsity.json.")
-    p.add_argument("model", help="HF model id, local checkpoint dir, .gguf file, or alias smollm2-135m")
+    p.add_argument("model", help=f"HF model id, local checkpoint dir, .gguf file, or alias ({alias_names()})")
     p.add_argument("outdir", type=Path, help="output checkpoint directory (created atomically)")
     p.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
     add_refine_options(p)

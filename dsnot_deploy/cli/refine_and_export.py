@@ -23,6 +23,7 @@ from dsnot_deploy.cli.options import (
 )
 from dsnot_deploy.cli.validate import gate_exit, print_summary
 from dsnot_deploy.errors import UserInputError
+from dsnot_deploy.sources.aliases import alias_names
 
 # The embedded default of `refine-and-export` with no MODEL: offline model and text, and a reduced
 # size that keeps the whole job short on 2 CPU cores (EMBEDDED_TIME_NOTE: measured as the README says).
@@ -45,7 +46,8 @@ def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
                     f"tokens, evaluation {DEFAULT_REDUCED['max_chunks']} chunks of {DEFAULT_REDUCED['ctx']}) "
                     f"({EMBEDDED_TIME_NOTE}). Returns the gate's exit code.")
     r.add_argument("model", nargs="?", default=None,
-                   help=f"HF model id, local checkpoint dir, .gguf file, or alias (default {DEFAULT_MODEL})")
+                   help=f"HF model id, local checkpoint dir, .gguf file, or alias ({alias_names()}; "
+                        f"default {DEFAULT_MODEL})")
     r.add_argument("out", type=Path, help="the sparse GGUF to write (reports go beside it: OUT.report.*)")
     r.add_argument("--type", default="F16", help="GGUF type of both sides (F16, Q8_0, Q4_0, ...; default F16)")
     r.add_argument("--keep-checkpoint", type=Path, default=None, metavar="DIR",

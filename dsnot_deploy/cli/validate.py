@@ -19,6 +19,7 @@ from dsnot_deploy.cli.common import (
     progress_for,
 )
 from dsnot_deploy.cli.options import add_eval_options, gate_config
+from dsnot_deploy.sources.aliases import alias_names
 
 
 def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -29,8 +30,8 @@ def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
                     "chunk; exit 0 when every threshold holds, 1 when one fails, 2 for bad input.")
     v.add_argument("sparse", type=Path, help="the sparse GGUF file")
     v.add_argument("--dense", required=True,
-                   help="a dense GGUF, or a model (checkpoint dir, alias smollm2-135m, HF id) exported here to "
-                        "a GGUF of SPARSE's type and cached by content hash")
+                   help=f"a dense GGUF, or a model (checkpoint dir, alias {alias_names()}, HF id) exported "
+                        "here to a GGUF of SPARSE's type and cached by content hash")
     v.add_argument("--checkpoint", type=Path, default=None,
                    help="the sparse HF checkpoint: adds its torch perplexity on the same tokens for reference")
     add_eval_options(v)

@@ -13,6 +13,7 @@ from typing import Any
 
 from dsnot_deploy.errors import UserInputError
 from dsnot_deploy.progress import Progress
+from dsnot_deploy.sources.aliases import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +24,7 @@ _CACHE_FORMAT = "dsnot-dense-gguf-v2"  # v2: general.* naming keys of the source
 
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/dsnot-deploy/gguf`` (``~/.cache/dsnot-deploy/gguf`` when unset)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dsnot-deploy" / "gguf"
+    return cache_root() / "gguf"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:

