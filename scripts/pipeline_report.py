@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Tables, targets and a plot from the rows `scripts/bench_pipeline.py` cached (issue 14's benchmark).
+
+Per model: perplexity of every variant at every pattern on every text; the best baseline cell (the
+best of Wanda, SparseGPT, Wanda+DSnoT, SparseGPT+DSnoT) against the candidate chosen on WikiText-2
+*validation* (per pattern, among the non-baseline variants), reported on the test texts with the
+issue's targets; held-out layer errors against every baseline's, layer by layer; time ratios.
+
+    python scripts/pipeline_report.py docs/bench_pipeline.rows.jsonl --name bench_pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINES = ("wanda", "sparsegpt", "wanda+dsnot", "sparsegpt+dsnot")
+TARGETS = {"0.5": 0.08, "0.6": 0.25, "0.7": 0.50, "2:4": 0.20}  # lower perplexity than the best baseline
+SELECT_ON = "wiki-valid"
+REPORT_ON = ("wiki-test", "c4-valid")
+
+
+def load(paths: list[Path]) -> list[dict]:
+    rows: dict[str, dict] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            rows[row["key"]] = row  # a later row of the same key wins
+    return list(rows.values())
+
+
+def choose(cells: dict[str, dict], text: str) -> str | None:
+    """The non-baseline variant with the lowest perplexity on `text` (validation)."""
+    candidates = {v: r for v, r in cells.items() if v not in BASELINES and v != "dense" and f"ppl:{text}" in r}
+    return min(candidates, key=lambda v: candidates[v][f"ppl:{text}"]) if candidates else None
+
+
+def summarise(rows: list[dict]) -> dict:
+    out: dict = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        dense = next((r for r in mine if r["variant"] == "dense"), None)
+        per_pattern = {}
+        for pattern in dict.fromkeys(r["pattern"] for r in mine if r["pattern"] != "-"):
+            cells = {r["variant"]: r for r in mine if r["pattern"] == pattern}
+            chosen = choose(cells, SELECT_ON)
+            entry: dict = {"variants": {v: {k: r[k] for k in r if k.startswith("ppl:") or k in
+                                            ("refine_seconds", "sparsity")} for v, r in cells.items()},
+                           "chosen_on_validation": chosen}
+            if chosen is not None and all(b in cells for b in BASELINES):
+                entry["targets"] = {}
+                for text in REPORT_ON:
+                    key = f"ppl:{text}"
+                    best = min(BASELINES, key=lambda b: cells[b][key])
+                    gain = 1 - cells[chosen][key] / cells[best][key]
+                    entry["targets"][text] = {"best_baseline": best, "baseline_ppl": cells[best][key],
+                                              "chosen_ppl": cells[chosen][key], "lower_by": gain,
+                                              "target": TARGETS.get(pattern), "met": gain >= TARGETS.get(pattern, 1)}
+                errors = [cells[b]["heldout_layer_error"] for b in BASELINES]
+                mine_err = cells[chosen]["heldout_layer_error"]
+                entry["heldout_layers_below_every_baseline"] = sum(
+                    m < min(e[i] for e in errors) for i, m in enumerate(mine_err))
+                entry["layers"] = len(mine_err)
+                entry["time_ratio"] = {b: cells[chosen]["refine_seconds"] / cells[b]["refine_seconds"]
+                                       for b in ("wanda", "sparsegpt")}
+            per_pattern[pattern] = entry
+        out[model] = {"dense": dense and {k: dense[k] for k in dense if k.startswith("ppl:")},
+                      "calibration": mine[0]["calibration"], "patterns": per_pattern}
+    return out
+
+
+def markdown(summary: dict, name: str) -> str:
+    lines = [f"# Pipeline grid ({name})", "",
+             "Written by `scripts/pipeline_report.py` from the rows of `scripts/bench_pipeline.py`. Perplexity, "
+             "paper protocol. The candidate at each pattern is chosen on WikiText-2 validation "
+             f"(`{SELECT_ON}`) among the non-baseline variants, and reported on {', '.join(REPORT_ON)}; the best "
+             f"baseline is the best of {', '.join(BASELINES)} on each text.", ""]
+    for model, m in summary.items():
+        lines += [f"## {model} (calibration {m['calibration']} C4 train tokens)", ""]
+        texts = sorted({k for p in m["patterns"].values() for v in p["variants"].values() for k in v
+                        if k.startswith("ppl:")})
+        if m["dense"]:
+            lines += ["dense: " + ", ".join(f"{t[4:]} {m['dense'][t]:.2f}" for t in texts if t in m["dense"]), ""]
+        for pattern, p in m["patterns"].items():
+            lines += [f"### {pattern}", "", "| variant | " + " | ".join(t[4:] for t in texts)
+                      + " | refine (s) |", "|---|" + "---|" * (len(texts) + 1)]
+            for variant, v in p["variants"].items():
+                mark = " (chosen)" if variant == p["chosen_on_validation"] else ""
+                lines.append(f"| {variant}{mark} | " + " | ".join(
+                    f"{v[t]:.2f}" if t in v else "-" for t in texts) + f" | {v.get('refine_seconds', 0):.0f} |")
+            for text, t in (p.get("targets") or {}).items():
+                lines.append("")
+                lines.append(f"- {text}: chosen {t['chosen_ppl']:.2f} vs best baseline {t['best_baseline']} "
+                             f"{t['baseline_ppl']:.2f}: {t['lower_by']:+.1%} lower (target {t['target']:.0%}: "
+                             f"{'met' if t['met'] else 'missed'})")
+            if "layers" in p:
+                lines.append(f"- held-out layer error below every baseline's in {p['heldout_layers_below_every_baseline']}"
+                             f" of {p['layers']} layers; refine time / Wanda's {p['time_ratio']['wanda']:.2f}, "
+                             f"/ SparseGPT's {p['time_ratio']['sparsegpt']:.2f}")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(summary)
+    fig, axes = plt.subplots(len(models), len(REPORT_ON), figsize=(6 * len(REPORT_ON), 4 * len(models)),
+                             squeeze=False)
+    for row, model in enumerate(models):
+        patterns = list(summary[model]["patterns"])
+        variants = list(dict.fromkeys(v for p in summary[model]["patterns"].values() for v in p["variants"]))
+        for col, text in enumerate(REPORT_ON):
+            ax = axes[row][col]
+            for variant in variants:
+                ys = [summary[model]["patterns"][p]["variants"].get(variant, {}).get(f"ppl:{text}") for p in patterns]
+                xs = [i for i, y in enumerate(ys) if y is not None]
+                ax.plot(xs, [ys[i] for i in xs], marker="o", label=variant,
+                        linestyle="--" if variant in BASELINES else "-")
+            ax.set_xticks(range(len(patterns)), patterns)
+            ax.set_yscale("log")
+            ax.set_title(f"{model}: {text}")
+            ax.set_ylabel("perplexity")
+        axes[row][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("rows", type=Path, nargs="+")
+    p.add_argument("--name", default="bench_pipeline")
+    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    args = p.parse_args()
+    summary = summarise(load(args.rows))
+    (args.out / f"{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.out / f"{args.name}.md").write_text(markdown(summary, args.name))
+    plot(summary, args.out / f"{args.name}.png")
+    print((args.out / f"{args.name}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
