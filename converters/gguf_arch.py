@@ -89,11 +89,13 @@ def write_common_hparams(w: gguf.GGUFWriter, cfg: dict[str, Any]) -> None:
     w.add_vocab_size(int(cfg["vocab_size"]))
     dim = head_dim(cfg)
     w.add_rope_dimension_count(dim)
-    if dim != int(cfg["hidden_size"]) // n_head:
-        w.add_key_length(dim)
+    if dim != int(cfg["hidden_size"]) // n_head or str(cfg.get("model_type", "")).startswith(("qwen3", "gemma3")):
+        w.add_key_length(dim)  # llama.cpp's default is hidden / heads (Qwen3 and Gemma 3 always carry it)
         w.add_value_length(dim)
     rope = _rope_params(cfg)
-    w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    # Gemma 3's global layers default to 1e6 (transformers' Gemma3TextConfig); others to 10000
+    default = 1e6 if str(cfg.get("model_type", "")).startswith("gemma3") else 10000.0
+    w.add_rope_freq_base(float(rope.get("rope_theta", default)))
     _write_rope_scaling(w, rope)
 
 
@@ -101,16 +103,8 @@ def _no_extra_hparams(w: gguf.GGUFWriter, cfg: dict[str, Any]) -> None:
     """Llama and Mistral need only the common keys (biases, when present, travel as tensors)."""
 
 
-def _qwen3_extra(w: gguf.GGUFWriter, cfg: dict[str, Any]) -> None:
-    dim = head_dim(cfg)
-    w.add_key_length(dim)
-    w.add_value_length(dim)
-
-
 def _gemma3_extra(w: gguf.GGUFWriter, cfg: dict[str, Any]) -> None:
     dim = head_dim(cfg)
-    w.add_key_length(dim)
-    w.add_value_length(dim)
     scalar = cfg.get("query_pre_attn_scalar")
     n_layers = int(cfg["num_hidden_layers"])
     if scalar is not None and int(scalar) != dim:
@@ -134,7 +128,6 @@ def _gemma3_extra(w: gguf.GGUFWriter, cfg: dict[str, Any]) -> None:
         base = local.get("rope_theta", cfg.get("rope_local_base_freq"))
         if base is not None:
             w.add_rope_freq_base_swa(float(base))
-    w.add_rope_freq_base(float(_rope_params(cfg, "full_attention").get("rope_theta", 1e6)))
     if cfg.get("final_logit_softcapping"):
         w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
     if cfg.get("attn_logit_softcapping"):
@@ -188,7 +181,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec(("LlamaForCausalLM",), gguf.MODEL_ARCH.LLAMA, permute_qk=True),
     ArchSpec(("MistralForCausalLM",), gguf.MODEL_ARCH.LLAMA, permute_qk=True),
     ArchSpec(("Qwen2ForCausalLM",), gguf.MODEL_ARCH.QWEN2),
-    ArchSpec(("Qwen3ForCausalLM",), gguf.MODEL_ARCH.QWEN3, extra_hparams=_qwen3_extra),
+    ArchSpec(("Qwen3ForCausalLM",), gguf.MODEL_ARCH.QWEN3, extra_hparams=_no_extra_hparams),
     ArchSpec(("Gemma3ForCausalLM", "Gemma3TextForCausalLM"), gguf.MODEL_ARCH.GEMMA3, norm_plus_one=True,
              extra_hparams=_gemma3_extra),
 )
