@@ -21,6 +21,7 @@ def write_dsnot_metadata(w: gguf.GGUFWriter, manifest: dict[str, Any] | None) ->
     w.add_string("dsnot.method", str(manifest.get("method", "")))
     w.add_string("dsnot.refinement", str(manifest.get("refinement", "")))
     w.add_string("dsnot.update", str(manifest.get("update", "none")))
+    w.add_string("dsnot.allocation", str((manifest.get("allocation") or {}).get("kind", "uniform")))
     pattern = manifest.get("pattern", {})
     kind = "unstructured" if pattern.get("kind") != "n:m" else f"{pattern.get('n')}:{pattern.get('m')}"
     w.add_string("dsnot.pattern", kind)

@@ -195,3 +195,17 @@ def test_owl_streamed_equals_in_memory_and_the_cli_takes_it(tiny, tmp_path: Path
     for name, tensor in a.items():
         assert torch.equal(tensor, b[name]), name
     assert main(["refine", str(ckpt), str(tmp_path / "bad"), *common, "--owl-threshold", "0"]) != 0
+
+
+def test_owl_checkpoint_exports_its_allocation_and_per_layer_sparsity(tiny, tmp_path: Path) -> None:
+    import gguf
+
+    from converters.gguf_export import ExportConfig, export_gguf
+
+    manifest = _refine(tiny, tmp_path / "o", refinement=Refinement.NONE, pattern=SparsityPattern.unstructured(0.6),
+                       allocation=OWL)
+    export_gguf(tmp_path / "o", tmp_path / "o.gguf", ExportConfig(qtype="F16", progress=False))
+    fields = gguf.GGUFReader(tmp_path / "o.gguf").fields
+    assert fields["dsnot.allocation"].contents() == "owl"
+    per_layer = fields["dsnot.sparsity.per_layer"].contents()
+    assert per_layer == pytest.approx([layer["sparsity"] for layer in manifest["sparsity"]["per_layer"]])

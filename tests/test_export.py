@@ -210,6 +210,7 @@ def test_metadata_keys_and_provenance(tmp_path: Path) -> None:
         assert key in fields, key
     assert fields["dsnot.pattern"].contents() == "2:4"
     assert fields["dsnot.method"].contents() == "wanda"
+    assert fields["dsnot.allocation"].contents() == "uniform"
     assert fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q8_0)
     assert len(fields["dsnot.sparsity.per_layer"].contents()) == 2
     assert fields["dsnot.sparsity.achieved"].contents() == pytest.approx(0.5)
