@@ -69,7 +69,10 @@ def parse_variant(text: str) -> PruneConfig | None:
     head, *rest = text.split("+")
     if head == "dense":
         return None
-    prune = PruneConfig(method=Method(head), refinement=Refinement.NONE)
+    # every field the grammar can change is set explicitly, so a change of the library's defaults
+    # does not change what a cached row means
+    prune = PruneConfig(method=Method(head), refinement=Refinement.NONE, update=Update.NONE,
+                        exact=ExactConfig(shrink=0.0), allocation=AllocationConfig(kind=Allocation.UNIFORM))
     for part in rest:
         name, _, value = part.partition("@")
         if name == "dsnot":
