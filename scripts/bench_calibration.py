@@ -9,7 +9,9 @@ For each pattern and size, each variant fits the Linear on the calibration H alo
 reports its output error sum_i dw_i^T H dw_i relative to Wanda's, on the calibration H and on the
 held-out H (averaged over the Linears). Layers see the dense prefix (a study of the fit, not of
 error propagation). Variants: SparseGPT; Wanda + exact search (shrink a: the search judges swaps on
-(1-a) H + a diag H); Wanda + ADMM reconstruction; exact + ADMM. Writes docs/bench_calibration.{md,json}.
+(1-a) H + a diag H); Wanda + ADMM reconstruction; exact + ADMM (with --rounds R, the search re-run
+against the reconstructed weights and reconstruction again, up to R rounds). Writes
+docs/bench_calibration.{md,json}.
 
     python scripts/bench_calibration.py --sizes 16x512 64x1024 128x2048 --layers 2 10
 """
@@ -63,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--layers", type=int, nargs="+", default=[2, 10])
     p.add_argument("--patterns", nargs="+", default=["0.5", "0.7", "2:4"])
     p.add_argument("--shrinks", type=float, nargs="+", default=[0.0, 0.1, 0.3])
+    p.add_argument("--rounds", type=int, default=1, help="also alternate search and reconstruction up to this many rounds")
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     p.add_argument("--name", default="bench_calibration")
     return p.parse_args()
@@ -101,7 +104,7 @@ def collect(model, samples: torch.Tensor, layers_wanted: list[int]) -> dict[str,
 
 
 def variants(w: torch.Tensor, h: torch.Tensor, sq: torch.Tensor, pattern: SparsityPattern,
-             shrinks: list[float]) -> dict[str, torch.Tensor]:
+             shrinks: list[float], rounds: int = 1) -> dict[str, torch.Tensor]:
     mask = wanda_mask(w, sq, pattern)
     wanda = w * mask
     out = {"wanda": wanda}
@@ -109,9 +112,15 @@ def variants(w: torch.Tensor, h: torch.Tensor, sq: torch.Tensor, pattern: Sparsi
     recon = ReconstructConfig()
     out["wanda+admm"] = admm_reconstruct(w, wanda, mask, h, recon).float()
     for a in shrinks:
-        res = exact_refine(w, wanda, mask, shrink_toward_diagonal(h, a), pattern, ExactConfig(shrink=a))
+        searched = shrink_toward_diagonal(h, a)
+        res = exact_refine(w, wanda, mask, searched, pattern, ExactConfig(shrink=a))
         out[f"exact(a={a:g})"] = res.weight
-        out[f"exact(a={a:g})+admm"] = admm_reconstruct(w, res.weight, res.mask, h, recon).float()
+        current = out[f"exact(a={a:g})+admm"] = admm_reconstruct(w, res.weight, res.mask, h, recon).float()
+        current_mask = res.mask
+        for r in range(2, rounds + 1):  # alternate: search against the reconstructed weights, reconstruct
+            res = exact_refine(w, current, current_mask, searched, pattern, ExactConfig(shrink=a))
+            current, current_mask = admm_reconstruct(w, res.weight, res.mask, h, recon).float(), res.mask
+            out[f"exact(a={a:g})+admm x{r}"] = current
     return out
 
 
@@ -134,7 +143,7 @@ def main() -> None:
             per_variant: dict[str, dict[str, list[float]]] = {}
             for key, m in cal.items():
                 w, h, h_held = m["weight"], m["h"], held[key]["h"]
-                fits = variants(w, h, m["sqnorm"], pattern, args.shrinks)
+                fits = variants(w, h, m["sqnorm"], pattern, args.shrinks, args.rounds)
                 base_cal = float(row_errors(w, fits["wanda"], h).sum())
                 base_held = float(row_errors(w, fits["wanda"], h_held).sum())
                 for name, fit in fits.items():
