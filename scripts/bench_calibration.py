@@ -65,7 +65,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--layers", type=int, nargs="+", default=[2, 10])
     p.add_argument("--patterns", nargs="+", default=["0.5", "0.7", "2:4"])
     p.add_argument("--shrinks", type=float, nargs="+", default=[0.0, 0.1, 0.3])
-    p.add_argument("--rounds", type=int, default=1, help="also alternate search and reconstruction up to this many rounds")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="also alternate search and reconstruction, up to this many rounds")
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     p.add_argument("--name", default="bench_calibration")
     return p.parse_args()
