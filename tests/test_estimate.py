@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsnot_deploy.algorithms.config import Method, PruneConfig, Refinement
+from dsnot_deploy.algorithms.config import (
+    Allocation,
+    AllocationConfig,
+    Method,
+    PruneConfig,
+    ReconstructConfig,
+    Refinement,
+    Update,
+)
 from dsnot_deploy.layerwise.estimate import (
     Rates,
     RunShape,
@@ -56,8 +64,16 @@ def test_estimate_scales_as_claimed(tmp_path: Path) -> None:
     assert t2 == pytest.approx(2 * t1)
     assert m8.seconds["forward passes"] == pytest.approx(4 * m2.seconds["forward passes"])
     # the Hessian (and its time) only when the method needs it
-    wanda = PruneConfig(method=Method.WANDA, refinement=Refinement.NONE)
+    wanda = PruneConfig(method=Method.WANDA, refinement=Refinement.NONE, update=Update.NONE)
     assert "statistics (X^T X)" not in estimate(deep, run, wanda, RATES).seconds
+    # reconstruction: its own line, linear in the steps; the allocation's dense pass doubles the forwards
+    admm = estimate(deep, run, PruneConfig(refinement=Refinement.NONE), RATES).seconds
+    assert admm["reconstruction (ADMM)"] > 0 and "statistics (X^T X)" in admm
+    longer = PruneConfig(refinement=Refinement.NONE, reconstruct=ReconstructConfig(iterations=80))
+    steps = estimate(deep, run, longer, RATES).seconds["reconstruction (ADMM)"] - admm["reconstruction (ADMM)"]
+    assert steps == pytest.approx(sum(40 * 4 * r * c * c for _, r, c in deep.linears) * deep.n_layers / 1e10)
+    owl = PruneConfig(refinement=Refinement.NONE, allocation=AllocationConfig(kind=Allocation.OWL))
+    assert estimate(deep, run, owl, RATES).seconds["forward passes"] == pytest.approx(2 * admm["forward passes"])
     assert estimate(deep, run, wanda, RATES).peak("cpu (host)") < m8.peak("cpu (host)")
     assert "SparseGPT" in estimate(deep, run, PruneConfig(method=Method.SPARSEGPT), RATES).seconds
 

@@ -156,6 +156,6 @@ def test_rounds_need_the_exact_search_and_admm() -> None:
     with pytest.raises(UserInputError):
         PruneConfig(refinement=Refinement.DSNOT, update=Update.ADMM, reconstruct=ReconstructConfig(rounds=2))
     with pytest.raises(UserInputError):
-        PruneConfig(refinement=Refinement.EXACT, reconstruct=ReconstructConfig(rounds=2))
+        PruneConfig(refinement=Refinement.EXACT, update=Update.NONE, reconstruct=ReconstructConfig(rounds=2))
     with pytest.raises(UserInputError):
         ReconstructConfig(rounds=0)

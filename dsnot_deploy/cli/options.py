@@ -33,7 +33,7 @@ def add_refine_options(p: argparse.ArgumentParser) -> None:
     ref = r.add_mutually_exclusive_group()
     ref.add_argument("--refine", default="exact", choices=["exact", "dsnot", "none"],
                      help="mask refinement: exact = prune-and-grow judged by the exact calibration output "
-                          "error (default; measured best, see docs/bench_refine.md), dsnot = the faithful "
+                          "error (default; measured best, see docs/decisions.md), dsnot = the faithful "
                           "DSnoT of the paper, none = the initial mask alone")
     ref.add_argument("--dsnot", dest="refine", action="store_const", const="dsnot", help="same as --refine dsnot")
     ref.add_argument("--no-dsnot", dest="refine", action="store_const", const="none", help="same as --refine none")
@@ -50,18 +50,18 @@ def add_refine_options(p: argparse.ArgumentParser) -> None:
                    help="prune but do not refine this group of Linears (repeatable; reference: mlp)")
     r.add_argument("--exact-max-swaps", type=int, default=128, help="exact: swaps per row at most (default 128)")
     u = p.add_argument_group("weight update (after the mask is final)")
-    u.add_argument("--update", default="none", choices=["none", "admm"],
+    u.add_argument("--update", default="admm", choices=["none", "admm"],
                    help="admm = reconstruct the kept weights to minimise the calibration output error on the "
-                        "final mask (ADMM, exact zeros kept; never worse than the weights it starts from); "
-                        "none = keep them (default)")
+                        "final mask (ADMM, exact zeros kept; never worse than the weights it starts from; "
+                        "default, measured in docs/decisions.md); none = keep them")
     u.add_argument("--admm-iterations", type=int, default=40, help="ADMM steps per Linear (default 40)")
     u.add_argument("--rounds", type=int, default=1,
                    help="with --refine exact --update admm: rounds of mask search and reconstruction, each search "
                         "after the first judged against the reconstructed weights (default 1)")
     r.add_argument("--exact-top-k", type=int, default=8, help="exact: candidates per side per swap (default 8)")
-    r.add_argument("--exact-shrink", type=float, default=0.0, metavar="A",
+    r.add_argument("--exact-shrink", type=float, default=0.3, metavar="A",
                    help="exact: judge swaps on (1-A) H + A diag(H), a guard against fitting the calibration "
-                        "tokens' channel correlations (default 0)")
+                        "tokens' channel correlations (default 0.3, chosen on held-out text; 0 = plain search)")
     a = p.add_argument_group("layer-wise allocation (unstructured patterns)")
     a.add_argument("--allocation", default="uniform", choices=["uniform", "owl"],
                    help="owl = each decoder layer's sparsity from its share of outlier activations-times-weights "

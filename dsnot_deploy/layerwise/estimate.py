@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsnot_deploy.algorithms.config import Method, PruneConfig, Refinement
+from dsnot_deploy.algorithms.config import Method, PruneConfig, Refinement, Update
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 F32 = 4
@@ -173,6 +173,8 @@ def estimate(shape: ModelShape, run: RunShape, prune: PruneConfig | None, rates:
         memory = {"cpu (host)": {**on_device, **host}, "disk": disk}
 
     passes = 2 if prune is not None else 1  # calibrate + propagate
+    if prune is not None and prune.allocates:
+        passes += 2  # the allocation's dense pass: statistics + propagation
     attn_flops = 4 * run.seqlen * shape.heads * shape.head_dim  # QK^T and AV per token
     fwd_flops = passes * n_tok * shape.n_layers * (2 * shape.linear_params + attn_flops)
     seconds = {"forward passes": fwd_flops / rates.matmul_flops}
@@ -185,6 +187,10 @@ def estimate(shape: ModelShape, run: RunShape, prune: PruneConfig | None, rates:
     if prune is not None and prune.refinement is not Refinement.NONE:
         seconds[f"{prune.refinement.value} refinement"] = (
             shape.n_layers * shape.linear_params * rates.mask_seconds_per_unit)
+    if prune is not None and prune.update is Update.ADMM:  # an eigendecomposition and 2 products per step
+        steps = prune.reconstruct.iterations * prune.reconstruct.rounds
+        admm = sum(10 * c ** 3 + steps * 4 * r * c * c for _, r, c in shape.linears)
+        seconds["reconstruction (ADMM)"] = shape.n_layers * admm / rates.matmul_flops
     if run.stream:
         seconds["reading/writing shards (not estimated: disk speed)"] = 0.0
     return Estimate(memory=memory, seconds=seconds, shape=shape, run=run)
