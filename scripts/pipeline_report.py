@@ -49,16 +49,18 @@ def summarise(rows: list[dict]) -> dict:
             entry: dict = {"variants": {v: {k: r[k] for k in r if k.startswith("ppl:") or k in
                                             ("refine_seconds", "sparsity")} for v, r in cells.items()},
                            "chosen_on_validation": chosen}
-            if chosen is not None and all(b in cells for b in BASELINES):
+            present = [b for b in BASELINES if b in cells]
+            entry["baselines_missing"] = [b for b in BASELINES if b not in cells]
+            if chosen is not None and present:
                 entry["targets"] = {}
                 for text in REPORT_ON:
                     key = f"ppl:{text}"
-                    best = min(BASELINES, key=lambda b: cells[b][key])
+                    best = min(present, key=lambda b: cells[b][key])
                     gain = 1 - cells[chosen][key] / cells[best][key]
                     entry["targets"][text] = {"best_baseline": best, "baseline_ppl": cells[best][key],
                                               "chosen_ppl": cells[chosen][key], "lower_by": gain,
                                               "target": TARGETS.get(pattern), "met": gain >= TARGETS.get(pattern, 1)}
-                errors = [cells[b]["heldout_layer_error"] for b in BASELINES]
+                errors = [cells[b]["heldout_layer_error"] for b in present]
                 mine_err = cells[chosen]["heldout_layer_error"]
                 entry["heldout_layers_below_every_baseline"] = sum(
                     m < min(e[i] for e in errors) for i, m in enumerate(mine_err))
@@ -76,7 +78,8 @@ def markdown(summary: dict, name: str) -> str:
              "Written by `scripts/pipeline_report.py` from the rows of `scripts/bench_pipeline.py`. Perplexity, "
              "paper protocol. The candidate at each pattern is chosen on WikiText-2 validation "
              f"(`{SELECT_ON}`) among the non-baseline variants, and reported on {', '.join(REPORT_ON)}; the best "
-             f"baseline is the best of {', '.join(BASELINES)} on each text.", ""]
+             f"baseline is the best of {', '.join(BASELINES)} on each text. `refine (s)` is wall time on the machine "
+             "that ran the row (2 cores here), not a clean timing when other jobs shared it.", ""]
     for model, m in summary.items():
         lines += [f"## {model} (calibration {m['calibration']} C4 train tokens)", ""]
         texts = sorted({k for p in m["patterns"].values() for v in p["variants"].values() for k in v
@@ -95,6 +98,9 @@ def markdown(summary: dict, name: str) -> str:
                 lines.append(f"- {text}: chosen {t['chosen_ppl']:.2f} vs best baseline {t['best_baseline']} "
                              f"{t['baseline_ppl']:.2f}: {t['lower_by']:+.1%} lower (target {t['target']:.0%}: "
                              f"{'met' if t['met'] else 'missed'})")
+            if p.get("baselines_missing"):
+                lines.append(f"- not yet run (so not in the best-baseline comparison): "
+                             f"{', '.join(p['baselines_missing'])}")
             if "layers" in p:
                 lines.append(f"- held-out layer error below every baseline's in {p['heldout_layers_below_every_baseline']}"
                              f" of {p['layers']} layers; refine time / Wanda's {p['time_ratio']['wanda']:.2f}, "
