@@ -86,6 +86,7 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
     """Refine, export, validate and write the reports (see the module docstring)."""
     from converters.gguf_export import export_gguf
     from dsnot_deploy.layerwise import refine as refine_module
+    from dsnot_deploy.layerwise.manifest import pipeline_name
 
     t0 = time.perf_counter()
     temporary = None
@@ -98,7 +99,7 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
         checkpoint = Path(job.outdir)
         manifest = refine_module.refine(job)
         sp = manifest["sparsity"]
-        steps.append(("refine", f"{manifest['method']}+{manifest['refinement']}, sparsity {sp['pruned_linears']:.4f} "
+        steps.append(("refine", f"{pipeline_name(manifest)}, sparsity {sp['pruned_linears']:.4f} "
                                 f"of pruned Linears, {manifest['times']['end_to_end_seconds']:.0f} s"))
         t_export = time.perf_counter()
         export_report = export_gguf(checkpoint, config.out, config.export)

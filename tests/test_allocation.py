@@ -209,3 +209,12 @@ def test_owl_checkpoint_exports_its_allocation_and_per_layer_sparsity(tiny, tmp_
     assert fields["dsnot.allocation"].contents() == "owl"
     per_layer = fields["dsnot.sparsity.per_layer"].contents()
     assert per_layer == pytest.approx([layer["sparsity"] for layer in manifest["sparsity"]["per_layer"]])
+
+
+def test_pipeline_name_lists_the_steps_that_ran() -> None:
+    from dsnot_deploy.layerwise.manifest import pipeline_name
+
+    assert pipeline_name({"method": "wanda", "refinement": "exact", "update": "admm",
+                          "allocation": {"kind": "owl"}}) == "wanda+exact+admm+owl"
+    assert pipeline_name({"method": "sparsegpt", "refinement": "none", "update": "none",
+                          "allocation": {"kind": "uniform"}}) == "sparsegpt+none"

@@ -35,6 +35,7 @@ def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
 
 
 def _cmd_refine(args: argparse.Namespace) -> int:
+    from dsnot_deploy.layerwise.manifest import pipeline_name
     from dsnot_deploy.layerwise.refine import refine
 
     job = refine_job(args, args.model, args.outdir, args.nsamples, args.seqlen)
@@ -43,7 +44,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     manifest = refine(job)
     s = manifest["sparsity"]
     print(
-        f"wrote {args.outdir}: {manifest['method']}+{manifest['refinement']}, "
+        f"wrote {args.outdir}: {pipeline_name(manifest)}, "
         f"sparsity {s['pruned_linears']:.4f} of pruned Linears ({s['all_parameters']:.4f} of all parameters), "
         f"mask time {manifest['times']['mask_seconds']:.1f} s, "
         f"end-to-end {manifest['times']['end_to_end_seconds']:.1f} s"

@@ -106,5 +106,15 @@ def build_manifest(
     return manifest
 
 
+def pipeline_name(manifest: dict[str, Any]) -> str:
+    """``method+refinement[+update][+allocation]`` of a manifest, e.g. ``wanda+exact+admm``."""
+    parts = [manifest.get("method", "?"), manifest.get("refinement", "?")]
+    if manifest.get("update", "none") != "none":
+        parts.append(manifest["update"])
+    if (manifest.get("allocation") or {}).get("kind", "uniform") != "uniform":
+        parts.append(manifest["allocation"]["kind"])
+    return "+".join(str(p) for p in parts)
+
+
 def dumps(manifest: dict[str, Any]) -> bytes:
     return (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()
