@@ -304,7 +304,7 @@ def run_layers(
             layer.to(layer_device)
         call = LayerCall(args=to_device(calls[i].args, layer_device), kwargs=to_device(calls[i].kwargs, layer_device))
         if before_layer is not None:
-            before_layer(i, layer, hidden, call, replace(config, device=str(layer_device)))
+            before_layer(i, layer, hidden, call, _with_device(config, layer_device))
         if state is not None and i < state.done:
             tensors, report = state.restore(i)
             layer.load_state_dict(tensors, strict=True)
