@@ -62,6 +62,17 @@ def add_refine_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--exact-shrink", type=float, default=0.3, metavar="A",
                    help="exact: judge swaps on (1-A) H + A diag(H), a guard against fitting the calibration "
                         "tokens' channel correlations (default 0.3, chosen on held-out text; 0 = plain search)")
+    qz = p.add_argument_group("quantization onto a GGUF type's lattice (after the mask and weights are final)")
+    qz.add_argument("--quantize", default=None, metavar="TYPE", type=str.upper, choices=["Q8_0", "Q5_0", "Q4_0"],
+                    help="round every decoder Linear onto TYPE's block lattice with GPTQ error feedback through H "
+                         "(pruned weights stay exactly 0; kept per Linear only where it beats ggml's "
+                         "round-to-nearest on calibration data); `export --type TYPE` then writes these values "
+                         "with no second rounding. Needs --dtype float32")
+    qz.add_argument("--quant-damping", type=float, default=0.01, metavar="D",
+                    help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
+    qz.add_argument("--quant-shrinks", type=float, nargs="+", default=[1.0], metavar="S",
+                    help="block scale candidates as fractions of ggml's max-based scale, the one with the lowest "
+                         "diag(H)-weighted rounding error kept per block (default 1.0 = ggml's rule)")
     a = p.add_argument_group("layer-wise allocation (unstructured patterns)")
     a.add_argument("--allocation", default="uniform", choices=["uniform", "owl"],
                    help="owl = each decoder layer's sparsity from its share of outlier activations-times-weights "
@@ -219,5 +230,15 @@ def refine_job(args: argparse.Namespace, model: str, outdir: Path, nsamples: int
         calibration=CalibrationConfig(args.calib, nsamples, seqlen, args.seed), dtype=args.dtype,
         device=args.device, batch_size=args.batch_size, offload_activations=args.offload_activations,
         measure_error=args.measure_error, force=args.force, progress=progress_for(args),
+        quantize=quantize_config(args),
         **(scale_job_options(args) if scale is None else scale),
     )
+
+
+def quantize_config(args: argparse.Namespace) -> Any:
+    """The QuantizeConfig of --quantize and its settings, or None."""
+    if getattr(args, "quantize", None) is None:
+        return None
+    from dsnot_deploy.quant.gptq import QuantizeConfig
+
+    return QuantizeConfig(type=args.quantize, damping=args.quant_damping, shrinks=tuple(args.quant_shrinks))

@@ -26,8 +26,10 @@ from dsnot_deploy.layerwise.capture import (
     layer_output,
     to_device,
 )
-from dsnot_deploy.layerwise.linear import prune_linear
+from dsnot_deploy.layerwise.linear import prune_linear, quantize_linear
 from dsnot_deploy.progress import Progress, open_bar
+from dsnot_deploy.quant.gptq import QuantizeConfig
+from dsnot_deploy.quant.report import QuantReport
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,20 @@ class DriverConfig:
     layers_in_place: bool = False
     # Per-layer counts of a non-uniform allocation (``layerwise.allocate``); None: the pattern everywhere
     allocation: LayerAllocation | None = None
+    # Round every decoder Linear onto this ggml lattice once its mask and kept weights are final
+    # (GPTQ sweep, ``quant.gptq``); later layers are calibrated on the quantized prefix
+    quantize: QuantizeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+
+    @property
+    def with_hessian(self) -> bool:
+        """Whether the calibrate pass accumulates X^T X for every Linear."""
+        if self.quantize is not None:
+            return True
+        return self.prune is not None and (self.prune.needs_hessian or self.measure_error)
 
     @property
     def store_device(self) -> str:
@@ -67,6 +79,7 @@ class LayerReport:
     # per Linear (name inside the layer): mean over calibration tokens of x_j^2, float32 on the CPU;
     # llama.cpp's importance matrix entry (= Wanda's sqnorm / L)
     input_sq_mean: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    quant: list[QuantReport] = field(default_factory=list)  # per Linear, when the driver quantizes
 
 
 @dataclass
@@ -216,8 +229,8 @@ def process_layer(
     t_layer = time.perf_counter()
     report = LayerReport(index=index)
     mask_seconds = 0.0
-    prune = config.prune
-    if prune is not None:
+    prune, quantize = config.prune, config.quantize
+    if prune is not None or quantize is not None:
         per_device = config if device == config.device else _with_device(config, device)
         linears = _linears(layer)
         stats = _calibrate(layer, linears, hidden, call, per_device, with_hessian)
@@ -227,14 +240,21 @@ def process_layer(
                 continue
             st = stats[name]
             report.input_sq_mean[name] = (st.sq_sum / max(st.n_tokens, 1)).detach().to("cpu", torch.float32)
-            refine = linear_group(name) not in prune.skip_refine_groups
-            own = prune
-            if config.allocation is not None:
-                own = replace(prune, pattern=config.allocation.pattern(index, name, prune.pattern))
-            new_weight, lrep = prune_linear(f"{index}.{name}", mod.weight, stats[name], own, refine)
-            mod.weight.data.copy_(new_weight.to(mod.weight.dtype))
-            mask_seconds += lrep.mask_seconds
-            report.linears.append(lrep)
+            if prune is not None:
+                refine = linear_group(name) not in prune.skip_refine_groups
+                own = prune
+                if config.allocation is not None:
+                    own = replace(prune, pattern=config.allocation.pattern(index, name, prune.pattern))
+                new_weight, lrep = prune_linear(f"{index}.{name}", mod.weight, st, own, refine)
+                mod.weight.data.copy_(new_weight.to(mod.weight.dtype))
+                mask_seconds += lrep.mask_seconds
+                report.linears.append(lrep)
+            if quantize is not None:
+                done = quantize_linear(f"{index}.{name}", mod.weight, st, quantize)
+                if done is not None:
+                    mod.weight.data.copy_(done[0])
+                    mask_seconds += done[1].seconds
+                    report.quant.append(done[1])
         del stats
     _run_layer(layer, hidden, call, config.batch_size, device, out)
     report.seconds = time.perf_counter() - t_layer
@@ -284,8 +304,7 @@ def run_layers(
 
     hidden, calls = capture_layer_inputs(model, layers, samples, config.batch_size, device, store,
                                          move_layers=not config.layers_in_place, allocate=allocate)
-    prune = config.prune
-    with_hessian = prune is not None and (prune.needs_hessian or config.measure_error)
+    with_hessian = config.with_hessian
     reports: list[LayerReport] = []
     mask_seconds = 0.0
     out = allocate(tuple(hidden.shape), hidden.dtype)

@@ -1,14 +1,22 @@
-"""One Linear pruned and timed: the layer runner's wrapper around the pure math of ``algorithms.pruner``."""
+"""One Linear pruned (or quantized) and timed: the layer runner's wrappers around the pure math of
+``algorithms.pruner`` and ``quant.gptq``."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
 from dsnot_deploy.algorithms.config import PruneConfig
 from dsnot_deploy.algorithms.pruner import LinearReport, linear_report, select_weights
+from dsnot_deploy.algorithms.reconstruct import output_error
 from dsnot_deploy.algorithms.stats import ChannelStats
+from dsnot_deploy.errors import UserInputError
+from dsnot_deploy.quant.gptq import QuantizeConfig, quantize_weight
+from dsnot_deploy.quant.report import QuantReport
+
+log = logging.getLogger(__name__)
 
 
 def _sync(device: torch.device) -> None:
@@ -27,3 +35,30 @@ def prune_linear(
     _sync(weight.device)
     mask_seconds = time.perf_counter() - t0
     return selection.sparse, linear_report(name, stats, selection, mask_seconds)
+
+
+def quantize_linear(
+    name: str, weight: torch.Tensor, stats: ChannelStats, config: QuantizeConfig
+) -> tuple[torch.Tensor, QuantReport] | None:
+    """Return (float32 weight on ``config.type``'s lattice, report), or None for a Linear whose rows
+    are not whole blocks (left as they are: `export` writes such tensors in F16)."""
+    if weight.dtype != torch.float32:
+        raise UserInputError(f"expected float32 weights for in-refinement quantization (lattice values need "
+                             f"24-bit mantissas); found {weight.dtype} in {name}: refine with --dtype float32")
+    lattice = config.lattice
+    if weight.shape[1] % lattice.block:
+        log.warning("%s: rows of %d are not whole %s blocks of %d; not quantized", name, weight.shape[1],
+                    lattice.name, lattice.block)
+        return None
+    hessian = stats.hessian.to(weight.device)
+    _sync(weight.device)
+    t0 = time.perf_counter()
+    result = quantize_weight(weight, hessian, config)
+    _sync(weight.device)
+    seconds = time.perf_counter() - t0
+    energy = max(output_error(weight.detach().float(), torch.zeros_like(weight, dtype=torch.float32), hessian), 1e-30)
+    report = QuantReport(name=name, type=lattice.name, error_rtn=result.error_rtn / energy,
+                         error_sweep=result.error_sweep / energy, method="gptq" if result.used_sweep else "rtn",
+                         seconds=seconds,
+                         zeros_added=int((result.weight == 0).sum()) - int((weight == 0).sum()))
+    return result.weight, report

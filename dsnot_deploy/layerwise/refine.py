@@ -23,6 +23,8 @@ from dsnot_deploy.layerwise.allocate import plan_allocation, plan_allocation_str
 from dsnot_deploy.layerwise.driver import DriverConfig, DriverResult, run_layers
 from dsnot_deploy.layerwise.manifest import MANIFEST_NAME, build_manifest, dumps
 from dsnot_deploy.progress import Progress
+from dsnot_deploy.quant.gptq import QuantizeConfig
+from dsnot_deploy.quant.record import quantize_record
 from dsnot_deploy.sources.checkpoint_io import save_checkpoint
 from dsnot_deploy.sources.models import (
     DTYPES,
@@ -68,6 +70,7 @@ class RefineJob:
     save_state: bool = True
     memory_check: bool = True  # refuse a job whose estimated memory exceeds what is available (resources.py)
     deterministic: bool = False  # deterministic CUDA kernels, no TF32 (see set_deterministic)
+    quantize: QuantizeConfig | None = None  # round the final weights onto a GGUF type's lattice (quant.gptq)
 
     def __post_init__(self) -> None:
         if self.resume and not self.save_state:
@@ -84,6 +87,9 @@ class RefineJob:
             raise UserInputError(
                 f"batch size must divide nsamples; got batch {self.batch_size}, nsamples {self.calibration.nsamples}"
             )
+        if self.quantize is not None and self.dtype != "float32":
+            raise UserInputError(f"expected --dtype float32 with --quantize {self.quantize.type} (lattice values "
+                                 f"need float32's mantissa to be stored exactly); found --dtype {self.dtype}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserInputError(f"device {self.device!r} requested but CUDA is not available here")
 
@@ -116,6 +122,7 @@ def _driver_config(job: RefineJob) -> DriverConfig:
         progress=job.progress,
         activations_dir=str(job.activations_dir) if job.activations_dir is not None else None,
         layers_in_place=job.device_map is not None,
+        quantize=job.quantize,
     )
 
 
@@ -183,7 +190,8 @@ def refine(job: RefineJob) -> dict[str, Any]:
             calibration=asdict(cal),
             model_source=job.model,
             layers_path=layers_path,
-            extra={"run": _run_record(job), "allocation": allocation_record(job.prune, allocation)},
+            extra={"run": _run_record(job), "allocation": allocation_record(job.prune, allocation),
+                   **quantize_record(job.quantize, result)},
         )
         manifest["times"]["end_to_end_seconds"] = time.perf_counter() - t0
         save_checkpoint(model, tokenizer, job.outdir, manifest_name=MANIFEST_NAME, manifest=dumps(manifest),
@@ -217,6 +225,7 @@ def _state_settings(job: RefineJob, samples: torch.Tensor, model_path: Path | No
         "stream": job.stream,
         "device_map": job.device_map,
         "deterministic": job.deterministic,
+        **({"quantize": asdict(job.quantize)} if job.quantize is not None else {}),
     }
 
 
@@ -350,7 +359,8 @@ def refine_streaming(job: RefineJob) -> dict[str, Any]:
         manifest = build_manifest(
             torch.nn.Module(), job.prune, streamed.driver, calibration=asdict(cal), model_source=job.model,
             layers_path=layers_path,
-            extra={"run": _run_record(job), "allocation": allocation_record(job.prune, allocation)},
+            extra={"run": _run_record(job), "allocation": allocation_record(job.prune, allocation),
+                   **quantize_record(job.quantize, streamed.driver)},
         )
         manifest["model"]["class"] = type(skeleton).__name__
         s = manifest["sparsity"]

@@ -35,6 +35,7 @@ from dsnot_deploy.algorithms.pruner import LinearReport
 from dsnot_deploy.atomic import atomic_write_bytes
 from dsnot_deploy.errors import UserInputError
 from dsnot_deploy.layerwise.driver import LayerReport
+from dsnot_deploy.quant.report import QuantReport
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,15 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def _report_to_json(report: LayerReport) -> str:
     return json.dumps({"index": report.index, "seconds": report.seconds,
-                       "linears": [asdict(lin) for lin in report.linears]})
+                       "linears": [asdict(lin) for lin in report.linears],
+                       "quant": [asdict(q) for q in report.quant]})
 
 
 def _report_from_json(text: str, stats: dict[str, torch.Tensor]) -> LayerReport:
     data = json.loads(text)
     return LayerReport(index=int(data["index"]), linears=[LinearReport(**lin) for lin in data["linears"]],
-                       seconds=float(data["seconds"]), input_sq_mean=stats)
+                       seconds=float(data["seconds"]), input_sq_mean=stats,
+                       quant=[QuantReport(**q) for q in data.get("quant", [])])
 
 
 class RefineState:

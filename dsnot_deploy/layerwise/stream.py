@@ -299,8 +299,7 @@ def stream_layers(
     with _lazy_non_layer_weights(skeleton, plan, checkpoint, device):
         hidden, calls = capture_layer_inputs(skeleton, layers, samples, config.batch_size, device, store,
                                              pass_through=True, allocate=allocate)
-    prune = config.prune
-    with_hessian = prune is not None and (prune.needs_hessian or config.measure_error)
+    with_hessian = config.with_hessian
     out = allocate(tuple(hidden.shape), hidden.dtype)
     reports: list[LayerReport] = []
     mask_seconds = 0.0

@@ -1,0 +1,1 @@
+"""Quantization onto GGUF block lattices inside refinement (issue 15)."""

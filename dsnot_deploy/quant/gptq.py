@@ -1,0 +1,139 @@
+"""GPTQ onto a ggml block lattice, with pruned weights as targets of value 0.
+
+For one Linear with weights ``W`` (rows, cols, exact zeros where pruned) and ``H = (1/B) X^T X``,
+the columns are swept left to right; each column is rounded to its block's lattice and the
+rounding error is fed into the columns not yet rounded through the Cholesky factor of the damped
+``H^-1`` (Frantar et al., GPTQ), in lazy batches of ``blocksize`` columns.  Pruned weights are
+level 0, so the error their neighbours' updates would have put on them is fed forward too (the
+joint sparse-and-quantized sweep of SparseGPT).
+
+Each block's scale is fixed when the sweep reaches its first column, from the block's current
+(already updated) weights by ggml's rule, optionally shrunk by the candidate in ``shrinks`` with
+the lowest ``diag(H)``-weighted rounding error.  The block's largest-|w| weight is the anchor:
+it takes the anchor level, so every block is one ggml's own quantizer reproduces bit for bit
+(``quant.lattice``).  If the sweep's calibration error is not below ggml's round-to-nearest,
+round-to-nearest is kept: quantization never does worse than `export` alone on calibration data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsnot_deploy.algorithms.reconstruct import damped_hessian, output_error
+from dsnot_deploy.errors import UserInputError
+from dsnot_deploy.quant.lattice import (
+    Lattice,
+    block_scales,
+    ggml_round_trip,
+    levels,
+    parse_lattice,
+)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """In-refinement quantization: the ggml ``type``, GPTQ's damping (as SparseGPT's percdamp),
+    its lazy-batch width, and the scale shrink candidates searched per block (1.0 = ggml's rule)."""
+
+    type: str = "Q4_0"
+    damping: float = 0.01
+    blocksize: int = 128
+    shrinks: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self) -> None:
+        parse_lattice(self.type)
+        if not self.damping >= 0 or self.blocksize < 32 or self.blocksize % 32:
+            raise UserInputError(f"expected damping >= 0 and a blocksize that is a multiple of 32; found {self}")
+        if not self.shrinks or not all(0.5 <= s <= 1.0 for s in self.shrinks):
+            raise UserInputError(f"expected scale shrinks in [0.5, 1]; found {self.shrinks}")
+
+    @property
+    def lattice(self) -> Lattice:
+        return parse_lattice(self.type)
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """The quantized weights (float32, on the lattice) and the calibration output errors of the
+    sweep and of ggml's round-to-nearest, both against the weights before quantization."""
+
+    weight: torch.Tensor
+    error_rtn: float
+    error_sweep: float
+    used_sweep: bool
+
+
+def _choose_scales(block: torch.Tensor, hdiag: torch.Tensor, lattice: Lattice,
+                   shrinks: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale (rows,) and anchor column (rows,) of one block (rows, block) of current weights."""
+    anchor_col = block.abs().argmax(dim=1)
+    best_scale: torch.Tensor | None = None
+    best_err: torch.Tensor | None = None
+    for s in shrinks:
+        scale = block_scales(block, lattice, s)
+        k = levels(block, scale, lattice)
+        k.scatter_(1, anchor_col.unsqueeze(1), float(lattice.anchor))
+        err = ((block - k * scale.unsqueeze(1)) ** 2 * hdiag).sum(dim=1)
+        if best_scale is None:
+            best_scale, best_err = scale, err
+        else:
+            better = err < best_err
+            best_scale = torch.where(better, scale, best_scale)
+            best_err = torch.where(better, err, best_err)
+    assert best_scale is not None
+    return best_scale, anchor_col
+
+
+def gptq_sweep(weight: torch.Tensor, hessian: torch.Tensor, config: QuantizeConfig) -> torch.Tensor:
+    """The sweep alone: float32 weights on ``config.lattice`` (zeros of ``weight`` stay +0.0)."""
+    lattice = config.lattice
+    rows, cols = weight.shape
+    lattice.check_width(cols)
+    if hessian.shape != (cols, cols):
+        raise UserInputError(f"expected a ({cols}, {cols}) H for weights {tuple(weight.shape)}; found "
+                             f"{tuple(hessian.shape)}")
+    w = weight.detach().to(torch.float32).clone()
+    keep = w != 0
+    hd = damped_hessian(hessian.to(torch.float32), config.damping)
+    hdiag = hd.diagonal().clone()
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(hd))
+    u = torch.linalg.cholesky(hinv, upper=True)
+    q = torch.zeros_like(w)
+    blk = lattice.block
+    for i1 in range(0, cols, config.blocksize):
+        i2 = min(i1 + config.blocksize, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        scale = anchor_col = None
+        for i in range(i2 - i1):
+            c = i1 + i
+            if c % blk == 0:
+                current = w1[:, i:i + blk] * keep[:, c:c + blk]
+                scale, anchor_col = _choose_scales(current, hdiag[c:c + blk], lattice, config.shrinks)
+            assert scale is not None and anchor_col is not None
+            col = w1[:, i]
+            k = levels(col.unsqueeze(1), scale, lattice).squeeze(1)
+            k = torch.where(anchor_col == c % blk, torch.full_like(k, float(lattice.anchor)), k)
+            k = torch.where(keep[:, c], k, torch.zeros_like(k))
+            qc = k * scale
+            q[:, c] = qc
+            e = (col - qc) / u1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return q + 0.0
+
+
+def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: QuantizeConfig) -> QuantizeResult:
+    """The sweep, kept only when its calibration output error is below ggml's round-to-nearest's."""
+    lattice = config.lattice
+    start = weight.detach().to(torch.float32)
+    rtn = torch.from_numpy(ggml_round_trip(start, lattice)).to(start.device) + 0.0
+    swept = gptq_sweep(start, hessian, config)
+    h = hessian.to(torch.float32)
+    err_rtn, err_sweep = output_error(start, rtn, h), output_error(start, swept, h)
+    used = err_sweep < err_rtn
+    return QuantizeResult(swept if used else rtn, err_rtn, err_sweep, used)
