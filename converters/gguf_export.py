@@ -7,8 +7,14 @@ on that intermediate file -> read the result back and count the pruned zeros tha
 into place and write ``OUT.export.json``.  Nothing appears under the final name until it is
 complete; temporaries live next to it and are removed on any failure.
 
-Tensors whose row length is not a multiple of the type's block size are written as F16 (the
-documented fallback, recorded per tensor in the report), like llama.cpp's own converter does.
+The type of every tensor is planned before anything is written.  Direct types: tensors whose row length
+is not a multiple of the type's block size are written as F16, like llama.cpp's own converter does.
+Planned llama.cpp types (the SPARSE_* presets, Q6_K): each tensor gets its intended type or a zero-keeping
+fallback chosen per row width (``gguf_types.plan_tensor_type``), passed to llama.cpp by exact name.
+llama.cpp's own mixes (Q4_K_M, ...) choose their types themselves; the fallbacks llama.cpp logs are kept.
+Every fallback is logged (grouped) and listed in the report with its intended type, written type and
+reason; after writing, the file's tensor types are read back and any tensor that differs from the plan
+is reported too.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from dsnot_deploy.errors import UnsupportedModelError, UserInputError
 from dsnot_deploy.progress import Progress, open_bar
 
 from .gguf_arch import ArchSpec, find_arch, llama3_rope_factors, needs_rope_freqs
-from .gguf_info import tensor_type_counts
+from .gguf_info import tensor_type_counts, tensor_types_by_name
 from .gguf_metadata import (
     NAMING_WRITERS,
     manifest_summary,
@@ -54,11 +60,19 @@ from .gguf_tokenizer import (
     usable_probes,
     write_vocab,
 )
-from .gguf_types import OutputType, parse_output_type, zero_keeping_names
+from .gguf_types import (
+    OutputType,
+    TensorTypeChoice,
+    fallback_reason,
+    parse_output_type,
+    plan_tensor_type,
+    summarize_fallbacks,
+    zero_keeping_names,
+)
 from .gguf_zeros import count_zeros, summarize
 from .hf_source import HFCheckpoint, open_checkpoint
 from .imatrix import imatrix_from_stats, read_imatrix_file
-from .llamacpp_quantize import llamacpp_quantize
+from .llamacpp_quantize import LlamacppFallback, llamacpp_quantize
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +110,14 @@ class PlannedTensor:
     hf_name: str | None  # None for tensors we compute (rope_freqs)
     gguf_name: str
     shape: tuple[int, ...]  # row-major, numpy order
-    qtype: Q
+    qtype: Q  # the type streamed by gguf-py (the float carrier when llama.cpp quantizes afterwards)
     pruned: bool  # a 2-D weight inside a decoder layer: its zeros are counted
-    fallback: bool = False
+    # the type of the finished file (intended, written, why they differ); None: llama.cpp's mix decides
+    choice: TensorTypeChoice | None = None
+
+    @property
+    def fallback(self) -> bool:
+        return self.choice is not None and self.choice.fallback
 
     @property
     def nbytes(self) -> int:
@@ -113,6 +132,14 @@ class _Plan:
 
     def by_name(self) -> dict[str, PlannedTensor]:
         return {t.gguf_name: t for t in self.tensors}
+
+    def choices(self) -> list[TensorTypeChoice]:
+        return [t.choice for t in self.tensors if t.choice is not None]
+
+    def exact_overrides(self) -> tuple[tuple[str, Q], ...]:
+        """The planned type of every quantized weight as llama.cpp overrides, one anchored exact name each."""
+        return tuple((f"^{re.escape(t.gguf_name)}$", Q[t.choice.written]) for t in self.tensors
+                     if t.choice is not None and len(t.shape) == 2 and t.gguf_name.endswith(".weight"))
 
 
 def report_path(out: Path) -> Path:
@@ -148,7 +175,9 @@ def _intermediate_type(ckpt: HFCheckpoint) -> Q:
     return Q.F32
 
 
-def plan_tensors(ckpt: HFCheckpoint, spec: ArchSpec, weight_type: Q) -> _Plan:
+def plan_tensors(ckpt: HFCheckpoint, spec: ArchSpec, weight_type: Q, otype: OutputType | None = None) -> _Plan:
+    """Every tensor's GGUF name, shape and streamed type; with ``otype`` the type of the finished file too
+    (``weight_type`` is then the direct type, or the float carrier of a llama.cpp type)."""
     cfg = ckpt.text_config
     n_blocks = int(cfg["num_hidden_layers"])
     to_gguf = _name_mapper(spec, n_blocks)
@@ -165,18 +194,23 @@ def plan_tensors(ckpt: HFCheckpoint, spec: ArchSpec, weight_type: Q) -> _Plan:
                 f"tensor {hf_name} of {ckpt.architecture} has no GGUF name in gguf-py's table for {spec.name}"
             )
         if len(ref.shape) == 2 and name.endswith(".weight"):
-            fallback = ref.shape[-1] % block != 0
-            qtype = Q.F16 if fallback else weight_type
-            if fallback:
-                logger.warning("%s: %d columns are not a multiple of %s's block of %d; writing it as F16",
-                               name, ref.shape[-1], weight_type.name, block)
-            plan.tensors.append(PlannedTensor(hf_name, name, ref.shape, qtype, name.startswith("blk."), fallback))
+            ncols = ref.shape[-1]  # ne0: the row length blocks run along
+            choice: TensorTypeChoice | None
+            if otype is not None and otype.via_llamacpp:
+                qtype = weight_type
+                choice = plan_tensor_type(otype, name, ncols) if otype.planned else None
+            else:
+                qtype = weight_type if ncols % block == 0 else Q.F16
+                choice = TensorTypeChoice(name, weight_type.name, qtype.name,
+                                          "" if qtype == weight_type else fallback_reason(weight_type.name, ncols))
+            plan.tensors.append(PlannedTensor(hf_name, name, ref.shape, qtype, name.startswith("blk."), choice))
         else:
-            plan.tensors.append(PlannedTensor(hf_name, name, ref.shape, Q.F32, False))
+            plan.tensors.append(PlannedTensor(hf_name, name, ref.shape, Q.F32, False,
+                                              TensorTypeChoice(name, Q.F32.name, Q.F32.name)))
     if needs_rope_freqs(cfg):
         n = len(llama3_rope_factors(cfg))
-        plan.tensors.append(PlannedTensor(None, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
-                                          (n,), Q.F32, False))
+        rope = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        plan.tensors.append(PlannedTensor(None, rope, (n,), Q.F32, False, TensorTypeChoice(rope, "F32", "F32")))
     return plan
 
 
@@ -283,7 +317,9 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
             f"or pass --allow-zero-loss"
         )
     weight_type = otype.direct if otype.direct is not None else _intermediate_type(ckpt)
-    plan = plan_tensors(ckpt, spec, weight_type)
+    plan = plan_tensors(ckpt, spec, weight_type, otype)
+    for line in summarize_fallbacks(plan.choices()):
+        logger.warning("%s: %s", otype.name, line)
     tokenizer = load_hf_tokenizer(ckpt.root)
     vocab = build_vocab(ckpt.root, int(cfg["vocab_size"]), tokenizer)
     pre = config.tokenizer_pre
@@ -298,9 +334,11 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
         ftype = _CARRIER_FTYPES.get(weight_type, otype.ftype) if otype.via_llamacpp else otype.ftype
         naming = naming_keys(ckpt, config.naming, _param_count(plan))
         _write_gguf(first, ckpt, spec, plan, vocab, pre, ftype, config.progress, naming)
+        native: list[LlamacppFallback] = []
         if otype.via_llamacpp:
-            llamacpp_quantize(first, final, int(otype.ftype), imatrix=imatrix or None, overrides=otype.overrides,
-                              pure=otype.pure, nthread=config.threads)
+            overrides = plan.exact_overrides() if otype.planned else otype.overrides
+            native = llamacpp_quantize(first, final, int(otype.ftype), imatrix=imatrix or None, overrides=overrides,
+                                       pure=otype.pure, nthread=config.threads)
             first.unlink()
         written = time.perf_counter()
         planned = plan.by_name()
@@ -311,6 +349,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
         reader = gguf.GGUFReader(final)
         zeros = count_zeros(reader, _pruned_names(reader), source)
         tensor_types = tensor_type_counts(reader)
+        fallbacks, type_mismatches = check_written_types(plan, tensor_types_by_name(reader), native)
         del reader  # drop the mapping before the file is renamed
         file_bytes, n_params = final.stat().st_size, _param_count(plan)
         probes = usable_probes(tokenizer)
@@ -325,7 +364,13 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
             "type_description": otype.description,
             "naming": naming,
             "tensor_types": tensor_types,
-            "fallback_tensors": [t.gguf_name for t in plan.tensors if t.fallback],
+            "fallback_tensors": [f.name for f in fallbacks],
+            "fallbacks": [f.as_dict() for f in fallbacks],
+            "type_check": {
+                "planned": len(plan.choices()),
+                "chosen_by_llamacpp": len(plan.tensors) - len(plan.choices()),
+                "mismatches": [m.as_dict() for m in type_mismatches],
+            },
             "imatrix": {"source": imatrix_source, "entries": len(imatrix)},
             "sparse_input": sparse,
             "manifest": manifest_summary(ckpt.manifest),
@@ -353,6 +398,45 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
         raise
     atomic_write_bytes(report_path(out), (json.dumps(report, indent=2) + "\n").encode())
     return report
+
+
+def check_written_types(
+    plan: _Plan, written: dict[str, str], native: list[LlamacppFallback]
+) -> tuple[list[TensorTypeChoice], list[TensorTypeChoice]]:
+    """Compare the file's tensor types with the plan: (every fallback, the tensors that differ from the plan).
+
+    A planned tensor written as planned is a fallback when the plan is one; one written otherwise is a
+    mismatch (and a fallback decided by llama.cpp).  A tensor llama.cpp's mix chose the type of is a fallback
+    when llama.cpp's log says so.  Mismatches and llama.cpp's fallbacks are logged here; the plan's own
+    fallbacks were logged before writing."""
+    said = {f.name: f for f in native}
+    fallbacks: list[TensorTypeChoice] = []
+    mismatches: list[TensorTypeChoice] = []
+    unplanned: list[TensorTypeChoice] = []
+    for t in plan.tensors:
+        actual = written.get(t.gguf_name, "absent")
+        log = said.get(t.gguf_name)
+        if t.choice is None:
+            if log is not None:
+                unplanned.append(TensorTypeChoice(t.gguf_name, log.intended, actual,
+                                                  f"rows {log.ncols} not a multiple of {log.block} "
+                                                  f"({log.intended} block size)",
+                                                  decided_by="llama.cpp"))
+        elif actual == t.choice.written:
+            if t.choice.fallback:
+                fallbacks.append(t.choice)
+        else:
+            why = f"planned {t.choice.written}, llama.cpp wrote {actual}"
+            if log is not None:
+                why += f" (rows {log.ncols} not a multiple of {log.block}, {log.intended} block size)"
+            mismatches.append(TensorTypeChoice(t.gguf_name, t.choice.intended, actual, why, decided_by="llama.cpp"))
+    for line in summarize_fallbacks(unplanned):
+        logger.warning("llama.cpp fell back: %s", line)
+    if mismatches:
+        shown = ", ".join(f"{m.name} ({m.reason})" for m in mismatches[:5])
+        logger.warning("%d tensor%s written in another type than planned: %s%s", len(mismatches),
+                       "s" if len(mismatches) != 1 else "", shown, ", ..." if len(mismatches) > 5 else "")
+    return fallbacks + unplanned + mismatches, mismatches
 
 
 def _param_count(plan: _Plan) -> int:

@@ -151,6 +151,14 @@ def tensor_type_counts(reader: Any) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def tensor_types_by_name(reader: Any) -> dict[str, str]:
+    """Each tensor's ggml type name in an open ``gguf.GGUFReader``, by tensor name (``{"blk.0.attn_q.weight":
+    "Q4_0", ...}``): what a file really holds, to compare with what an exporter planned."""
+    import gguf
+
+    return {tensor.name: gguf.GGMLQuantizationType(tensor.tensor_type).name for tensor in reader.tensors}
+
+
 def _field_value(fld: Any) -> Any:
     """A GGUF field as Python: str, int/float/bool, or a list of those."""
     import gguf
