@@ -33,11 +33,27 @@ class CorruptPack(UserInputError):
 
 # ---- zstd -------------------------------------------------------------------------------------
 
-def compress(data: bytes | np.ndarray, level: int) -> bytes:
-    """zstd frame with content size and checksum."""
+# Streams of at least MT_MIN_BYTES are compressed by zstd's multi-threaded mode in jobs of MT_JOB_BYTES:
+# its frames do not depend on the number of workers (>= 1), so a pack has the same bytes for any
+# --threads while one huge tensor (an 8B model's embedding) still uses every core. Smaller streams
+# use the single-threaded mode (one frame per stream, as before; tensors run in parallel instead).
+MT_MIN_BYTES = 64 << 20
+MT_JOB_BYTES = 32 << 20
+
+
+def compress(data: bytes | np.ndarray, level: int, threads: int = 1) -> bytes:
+    """zstd frame with content size and checksum. `threads` only changes the speed, never the bytes:
+    it is the number of zstd workers for a stream of at least MT_MIN_BYTES (see above)."""
     import zstandard
 
-    buf = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+    if isinstance(data, np.ndarray):  # the array's own memory, no copy
+        buf: bytes | memoryview = memoryview(np.ascontiguousarray(data)).cast("B") if data.size else b""
+    else:
+        buf = data
+    if len(buf) >= MT_MIN_BYTES:
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, threads=max(1, threads), job_size=MT_JOB_BYTES, write_checksum=1, write_content_size=1)
+        return zstandard.ZstdCompressor(compression_params=params).compress(buf)
     return zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True).compress(buf)
 
 

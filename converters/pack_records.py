@@ -86,17 +86,18 @@ class Record:
 
 # ---- encoding -----------------------------------------------------------------------------------
 
-def _stream(name: str, raw: bytes | np.ndarray, level: int) -> tuple[list[Any], bytes]:
+def _stream(name: str, raw: bytes | np.ndarray, level: int, threads: int = 1) -> tuple[list[Any], bytes]:
     raw_len = raw.nbytes if isinstance(raw, np.ndarray) else len(raw)
-    blob = compress(raw, level)
+    blob = compress(raw, level, threads)
     return [name, raw_len, len(blob)], blob
 
 
 def whole_record(kind: str, offset: int, data: bytes, level: int, extra: dict[str, Any] | None = None,
-                planes: int = 1) -> Record:
+                planes: int = 1, threads: int = 1) -> Record:
+    """A segment stored whole (one `raw` stream); `threads`: zstd workers for a huge stream (same bytes)."""
     arr = np.frombuffer(data, np.uint8)
     body = arr if planes == 1 else to_planes(arr.view(f"<u{planes}"))
-    entry, blob = _stream("raw", body, level)
+    entry, blob = _stream("raw", body, level, threads)
     desc = {"k": kind, "off": offset, "len": len(data), "crc": zlib.crc32(data), "s": [entry]}
     if planes != 1:
         desc["planes"] = planes
@@ -107,12 +108,12 @@ def whole_record(kind: str, offset: int, data: bytes, level: int, extra: dict[st
 
 def _sparse_record(base: dict[str, Any], lay: BlockLayout, side: np.ndarray, flat: np.ndarray, kept: np.ndarray,
                    mask_kind: str, mask_stream: np.ndarray, mask_fields: dict[str, Any],
-                   levels: PackLevels) -> Record:
+                   levels: PackLevels, threads: int = 1) -> Record:
     streams, blobs = [], []
     parts = ([("side", to_planes_2d(side), levels.side)] if lay.side_bytes else []) + [
         ("mask", mask_stream, levels.mask), ("values", to_planes(flat[kept]), levels.values)]
     for name, data, level in parts:
-        entry, blob = _stream(name, data, level)
+        entry, blob = _stream(name, data, level, threads)
         streams.append(entry)
         blobs.append(blob)
     desc = {**base, "enc": "sparse", "mask": mask_kind, "kept": int(np.count_nonzero(kept)), "s": streams,
@@ -158,8 +159,9 @@ def _stored(rec: Record) -> int:
     return sum(s[2] for s in rec.desc["s"])
 
 
-def encode_tensor(info: TensorInfo, data: bytes, levels: PackLevels) -> Record:
+def encode_tensor(info: TensorInfo, data: bytes, levels: PackLevels, threads: int = 1) -> Record:
     """Encode one tensor's bytes: the smallest of raw and the sparse candidates that round-trips.
+    `threads`: zstd workers for a huge stream; the record's bytes do not depend on it.
 
     Candidates are compared at the fast probe levels (`PROBE_LEVEL`, zstd 3: sizes within a few
     percent of the final ones, and the same ranking), then only the winner is compressed at the
@@ -172,7 +174,7 @@ def encode_tensor(info: TensorInfo, data: bytes, levels: PackLevels) -> Record:
     probe = PackLevels(**{k: min(v, PROBE_LEVEL) for k, v in asdict(levels).items()})
 
     def raw_record(lv: PackLevels) -> Record:
-        return whole_record("tensor", info.start, data, lv.raw, {**base, "enc": "raw"}, planes)
+        return whole_record("tensor", info.start, data, lv.raw, {**base, "enc": "raw"}, planes, threads)
 
     if lay is None or len(data) == 0 or not info.dims or info.dims[0] % lay.block_elems:
         return raw_record(levels)
@@ -190,9 +192,10 @@ def encode_tensor(info: TensorInfo, data: bytes, levels: PackLevels) -> Record:
     mask_choice: tuple[str, np.ndarray, dict[str, Any]] = ("bitmask", bm_stream, {})
     if min(n_zero, n - n_zero) <= GAPS_MAX_MINORITY * n:  # denser minorities: the bitmask is near the bound
         g_stream, minority_kept, count = gaps_encode_mask(kept)
-        if len(compress(g_stream, levels.mask)) < len(compress(bm_stream, levels.mask)):
+        if len(compress(g_stream, levels.mask, threads)) < len(compress(bm_stream, levels.mask, threads)):
             mask_choice = ("gaps", g_stream, {"mk": minority_kept, "mc": count})
-    candidates.append((lambda lv, mc=mask_choice: _sparse_record(base, lay, side, flat, kept, mc[0], mc[1], mc[2], lv),
+    candidates.append((lambda lv, mc=mask_choice: _sparse_record(base, lay, side, flat, kept, mc[0], mc[1], mc[2], lv,
+                                                                 threads),
                        mask_bound_bits(zero, info.dims[0]), kept))
     for m in NM_GROUPS:
         nmin = nm_min_zeros(zero, info.dims[0], m)
@@ -200,7 +203,7 @@ def encode_tensor(info: TensorInfo, data: bytes, levels: PackLevels) -> Record:
             stream, kept_nm = nm_encode(zero, nmin, m)
             candidates.append((
                 lambda lv, st=stream, k=kept_nm, nm=[nmin, m]: _sparse_record(base, lay, side, flat, k, "nm", st,
-                                                                              {"nm": nm}, lv),
+                                                                              {"nm": nm}, lv, threads),
                 _symbol_entropy(nm_codes(zero, nmin, m)), kept_nm))
     raw_probe = raw_record(probe)
     probed = sorted(((_stored(build(probe)), i) for i, (build, _, _) in enumerate(candidates)))

@@ -13,7 +13,9 @@ does not decode to exactly its bytes (checked for every tensor while packing).
 and CRC-32, the record count, the total size and the original sha256, then renames it into place.
 A truncated or altered pack raises `UserInputError` and writes nothing.
 
-One tensor is held at a time: peak memory is a small multiple of the largest tensor.
+`--threads N` records are encoded at once (at most 2N held, written in order; zstd's own workers
+for huge streams, whose frames do not depend on their number): the pack's bytes are the same for any
+N, and peak memory is a small multiple of N times the largest tensor.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ import hashlib
 import json
 import logging
 import struct
+import time
 import zlib
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -47,6 +52,7 @@ from .pack_records import (
     encode_tensor,
     whole_record,
 )
+from .pack_threads import ordered_map, resolve_threads
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,13 @@ class PackSummary:
     pack_size: int
     sha256: str
     records: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the pack
+    threads: int = 1  # records encoded at once
+
+    @property
+    def mb_per_s(self) -> float:
+        """MB (1e6 bytes) of GGUF packed per second."""
+        return self.original_size / 1e6 / max(self.seconds, 1e-9)
 
     def breakdown(self) -> dict[str, int]:
         return size_breakdown(self.records, self.pack_size)
@@ -91,43 +104,81 @@ def _segments(layout: GGUFLayout) -> list[tuple[str, int, int, TensorInfo | None
     return segs
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One record to encode: a tensor's bytes (with `tail` zero bytes of padding after it) or a raw chunk."""
+
+    kind: str  # "tensor" or "raw"
+    offset: int
+    data: bytes
+    level: int  # zstd level of a raw chunk
+    info: TensorInfo | None = None
+    tail: int = 0
+
+
+def _jobs(fin: BinaryIO, src: Path, segs: list[tuple[str, int, int, TensorInfo | None]], levels: PackLevels,
+          sha: Any) -> Iterator[_Job]:
+    """The records of `segs` in file order; every byte read is hashed here, in order."""
+    i = 0
+    while i < len(segs):
+        kind, start, end, info = segs[i]
+        fin.seek(start)
+        if kind == "tensor":
+            data = _read_exact(fin, end - start, src)
+            sha.update(data)
+            tail = 0
+            if i + 1 < len(segs) and segs[i + 1][0] == "raw" and segs[i + 1][2] - segs[i + 1][1] <= MAX_TAIL:
+                pad = _read_exact(fin, segs[i + 1][2] - segs[i + 1][1], src)
+                if not pad.strip(b"\x00"):
+                    sha.update(pad)
+                    tail = len(pad)
+                    i += 1
+            yield _Job("tensor", start, data, levels.raw, info, tail)
+        else:
+            level = levels.meta if start == 0 else levels.raw
+            for off in range(start, end, RAW_CHUNK):
+                data = _read_exact(fin, min(RAW_CHUNK, end - off), src)
+                sha.update(data)
+                yield _Job("raw", off, data, level)
+        i += 1
+
+
+def _encode_job(job: _Job, levels: PackLevels, threads: int) -> tuple[Record, int]:
+    """(record, bytes of the GGUF it covers); runs in a worker thread."""
+    if job.kind == "tensor":
+        rec = encode_tensor(job.info, job.data, levels, threads)
+        if job.tail:
+            rec.desc["tz"] = job.tail
+    else:
+        rec = whole_record("raw", job.offset, job.data, job.level, threads=threads)
+    return rec, len(job.data) + job.tail
+
+
 def pack_gguf(src: Path, dst: Path, *, force: bool = False, levels: PackLevels | None = None,
-              progress: Progress = False) -> PackSummary:
-    """Pack the GGUF `src` into `dst` (atomic). Returns the summary of what was written."""
+              progress: Progress = False, threads: int | None = None) -> PackSummary:
+    """Pack the GGUF `src` into `dst` (atomic). Returns the summary of what was written.
+
+    `threads` (default: every core this process may use) records are encoded at once, at most
+    2 * `threads` held in memory, written in file order; huge streams also use that many zstd
+    workers. The pack's bytes are the same for any number of threads.
+    """
+    threads = resolve_threads(threads)
     levels = levels or PackLevels()
     layout = read_gguf_layout(src)
     check_output_file(dst, force)
     segs = _segments(layout)
     sha = hashlib.sha256()
     records: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
     with open(src, "rb") as fin, atomic_file(dst, force) as out, \
-            open_bar(progress, "pack", layout.file_size, unit="B", unit_scale=True) as bar:
+            open_bar(progress, f"pack ({threads} thread{'s' if threads > 1 else ''})", layout.file_size,
+                     unit="B", unit_scale=True) as bar:
         out.write(bytes(HEADER_SIZE))
-        i = 0
-        while i < len(segs):
-            kind, start, end, info = segs[i]
-            fin.seek(start)
-            if kind == "tensor":
-                data = _read_exact(fin, end - start, src)
-                sha.update(data)
-                rec = encode_tensor(info, data, levels)
-                bar.update(len(data))
-                if i + 1 < len(segs) and segs[i + 1][0] == "raw" and segs[i + 1][2] - segs[i + 1][1] <= MAX_TAIL:
-                    tail = _read_exact(fin, segs[i + 1][2] - segs[i + 1][1], src)
-                    if not tail.strip(b"\x00"):
-                        sha.update(tail)
-                        rec.desc["tz"] = len(tail)
-                        bar.update(len(tail))
-                        i += 1
-                _write_record(out, rec, records)
-            else:
-                level = levels.meta if start == 0 else levels.raw
-                for off in range(start, end, RAW_CHUNK):
-                    data = _read_exact(fin, min(RAW_CHUNK, end - off), src)
-                    sha.update(data)
-                    _write_record(out, whole_record("raw", off, data, level), records)
-                    bar.update(len(data))
-            i += 1
+        encoded = ordered_map(partial(_encode_job, levels=levels, threads=threads),
+                              _jobs(fin, src, segs, levels, sha), threads)
+        for rec, covered in encoded:
+            _write_record(out, rec, records)
+            bar.update(covered)
         end_rec = Record({"k": "end", "n": len(records), "size": layout.file_size}, [])
         out.write(end_rec.to_bytes())
         digest = sha.digest()
@@ -135,7 +186,10 @@ def pack_gguf(src: Path, dst: Path, *, force: bool = False, levels: PackLevels |
         out.write(_header_bytes(layout.file_size, digest, len(records)))
         out.seek(0, 2)
         pack_size = out.tell()
-    return PackSummary(layout.file_size, pack_size, digest.hex(), records)
+    seconds = time.perf_counter() - t0
+    log.info("packed %s: %.1f MB in %.1f s (%.2f MB/s, %d threads)", src.name, layout.file_size / 1e6, seconds,
+             layout.file_size / 1e6 / max(seconds, 1e-9), threads)
+    return PackSummary(layout.file_size, pack_size, digest.hex(), records, seconds=seconds, threads=threads)
 
 
 def _read_exact(fh: BinaryIO, n: int, path: Path) -> bytes:

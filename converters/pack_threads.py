@@ -1,0 +1,60 @@
+"""Threads of `pack`: how many, and an ordered map over records with a bounded number in flight.
+
+`ordered_map` runs a function over a stream of items in worker threads (zstd, numpy, hashlib and
+file writes release the GIL) and yields the results in the items' order, with at most
+`max_in_flight` items submitted and not yet yielded: memory stays a small multiple of the largest
+item whatever the length of the stream. One worker means no thread at all (the plain map).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+from dsnot_deploy.errors import UserInputError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def available_cores() -> int:
+    """Cores this process may run on: the affinity mask where the OS has one, else os.cpu_count()."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(threads: int | None) -> int:
+    """`threads` checked (an int >= 1), or every available core for None."""
+    if threads is None:
+        return available_cores()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UserInputError(f"expected --threads to be a whole number >= 1, found {threads!r}")
+    return threads
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
+                max_in_flight: int | None = None) -> Iterator[R]:
+    """`fn(item)` for every item, in order, computed by `workers` threads; at most `max_in_flight`
+    (default 2 * workers) items are taken from `items` and not yet yielded. Items are pulled from
+    `items` in the calling thread. An exception of `fn` is raised here, at its item's turn; the
+    items not started yet are then cancelled."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    limit = max(workers, max_in_flight if max_in_flight is not None else 2 * workers)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pack")
+    pending: deque[Future[R]] = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= limit:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
