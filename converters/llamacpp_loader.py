@@ -122,13 +122,43 @@ def llamacpp_version() -> str:
     return f"llama-cpp-python {llama_cpp.__version__}"
 
 
+GPU_BUILD_HINT = ('CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir '
+                  "llama-cpp-python==0.3.36")
+
+
+def gpu_offload_supported() -> bool:
+    """Whether the installed llama.cpp build can offload layers to a GPU (``llama_supports_gpu_offload``)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return False
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def check_gpu_layers(n_gpu_layers: int) -> int:
+    """``n_gpu_layers`` (0 = CPU, -1 = every layer, N = that many layers) checked: a whole number >= -1, and
+    for N != 0 a llama.cpp build with GPU offload. A CPU-only build is an error, not a warning: llama.cpp
+    would silently run every layer on the CPU, hours for an 8B model where the GPU was asked for."""
+    if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
+        raise UserInputError(f"expected --gpu-layers to be -1 (all layers), 0 (CPU) or a number of layers, "
+                             f"found {n_gpu_layers!r}")
+    if n_gpu_layers != 0 and not gpu_offload_supported():
+        raise UserInputError(
+            f"--gpu-layers {n_gpu_layers} asks llama.cpp to offload layers to a GPU, but the installed "
+            f"{llamacpp_version()} was built without GPU offload (llama_supports_gpu_offload() is false); "
+            f"pass --gpu-layers 0 to run on the CPU, or install a GPU build: {GPU_BUILD_HINT}")
+    return n_gpu_layers
+
+
 def open_llama(path: str | os.PathLike[str], *, n_ctx: int, n_batch: int | None = None, n_ubatch: int = 512,
                n_threads: int | None = None, logits_all: bool = False, vocab_only: bool = False,
-               extra_buffers: ExtraBuffers | None = None) -> Any:
+               extra_buffers: ExtraBuffers | None = None, n_gpu_layers: int = 0) -> Any:
     """``llama_cpp.Llama`` for ``path`` with the extra-buffer policy applied (and verified).
 
-    ``n_threads`` (default all CPUs) is used for single-token and batch decoding. Raises
-    UserInputError when llama-cpp-python is missing or llama.cpp refuses the file.
+    ``n_threads`` (default all CPUs) is used for single-token and batch decoding. ``n_gpu_layers``:
+    layers offloaded to a GPU (0 = none, the default; -1 = all), checked by :func:`check_gpu_layers`.
+    Raises UserInputError when llama-cpp-python is missing, has no GPU offload while layers are asked
+    for, or llama.cpp refuses the file.
     """
     try:
         import llama_cpp
@@ -142,6 +172,7 @@ def open_llama(path: str | os.PathLike[str], *, n_ctx: int, n_batch: int | None 
     from .llamacpp_log import route_llamacpp_logs
 
     route_llamacpp_logs()
+    check_gpu_layers(n_gpu_layers)
     choice = extra_buffers or resolve_extra_buffers()
     threads = n_threads or os.cpu_count() or 1
     batch = n_batch or n_ctx
@@ -157,7 +188,7 @@ def open_llama(path: str | os.PathLike[str], *, n_ctx: int, n_batch: int | None 
         try:
             llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=batch, n_ubatch=min(n_ubatch, batch),
                         n_threads=threads, n_threads_batch=threads, logits_all=logits_all,
-                        vocab_only=vocab_only, verbose=False)
+                        vocab_only=vocab_only, n_gpu_layers=n_gpu_layers, verbose=False)
         except Exception as exc:  # llama.cpp refusing a file is the user's input
             raise UserInputError(f"llama.cpp could not load {str(path)!r}: {type(exc).__name__}: {exc}") from exc
         finally:
@@ -165,8 +196,9 @@ def open_llama(path: str | os.PathLike[str], *, n_ctx: int, n_batch: int | None 
     if bool(llm.model_params.use_extra_bufts) != choice.enabled:  # a future llama-cpp-python may build params elsewhere
         llm.close()
         raise RuntimeError(f"{llamacpp_version()} ignored use_extra_bufts={choice.enabled}; update open_llama")
-    logger.debug("llama.cpp opened %s (n_ctx %d, %d threads, extra buffer types %s: %s; %s)", Path(path).name,
-                 n_ctx, threads, "on" if choice.enabled else "off", choice.reason, llama_cpp.__version__)
+    logger.debug("llama.cpp opened %s (n_ctx %d, %d threads, %d GPU layers, extra buffer types %s: %s; %s)",
+                 Path(path).name, n_ctx, threads, n_gpu_layers, "on" if choice.enabled else "off", choice.reason,
+                 llama_cpp.__version__)
     return llm
 
 
@@ -175,4 +207,5 @@ def describe_runtime() -> dict[str, Any]:
     flags = cpu_flags()
     choice = resolve_extra_buffers(flags=flags)
     return {"llamacpp": llamacpp_version(), "cpu_amx": cpu_has_amx(flags),
-            "extra_buffer_types": choice.enabled, "extra_buffer_policy": choice.policy, "reason": choice.reason}
+            "extra_buffer_types": choice.enabled, "extra_buffer_policy": choice.policy, "reason": choice.reason,
+            "gpu_offload_supported": gpu_offload_supported()}

@@ -201,6 +201,9 @@ def add_eval_options(p: argparse.ArgumentParser, reduced_note: bool = False) -> 
     note = " (default all; 8 with no MODEL)" if reduced_note else " (default all)"
     g.add_argument("--max-chunks", type=int, default=None, help="score at most this many chunks" + note)
     g.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all CPUs)")
+    g.add_argument("--gpu-layers", type=int, default=0, metavar="N",
+                   help="layers llama.cpp offloads to a GPU: 0 = CPU (default), -1 = all; needs a llama.cpp "
+                        "build with GPU offload (an error otherwise)")
     g.add_argument("--cache-dir", type=Path, default=None,
                    help="where dense models exported to GGUF are cached (default $XDG_CACHE_HOME/dsnot-deploy/gguf)")
     gate = p.add_argument_group("gate (exit 1 when one fails)")

@@ -104,7 +104,7 @@ def _cmd_refine_and_export(args: argparse.Namespace) -> int:
     if not args.no_validate:  # validate's own checks before the long work
         validate = ValidateConfig(sparse=out, dense=model, text=text, split=args.split, protocol=args.protocol,
                                   ctx=ctx, max_chunks=max_chunks, gate=gate_config(args), threads=args.threads,
-                                  cache_dir=args.cache_dir, progress=progress_for(args))
+                                  cache_dir=args.cache_dir, progress=progress_for(args), gpu_layers=args.gpu_layers)
     _check_type_keeps_zeros(args.type, args.allow_zero_loss)
     job = refine_job(args, model, args.keep_checkpoint or Path("sparse"), nsamples, seqlen, scale)
     config = PipelineConfig(

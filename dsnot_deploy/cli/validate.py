@@ -58,7 +58,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     config = ValidateConfig(
         sparse=args.sparse, dense=args.dense, text=args.text or "pydoc", split=args.split, protocol=args.protocol,
         ctx=args.ctx or 2048, max_chunks=args.max_chunks, gate=gate_config(args), checkpoint=args.checkpoint,
-        threads=args.threads, cache_dir=args.cache_dir, progress=progress_for(args),
+        threads=args.threads, cache_dir=args.cache_dir, progress=progress_for(args), gpu_layers=args.gpu_layers,
     )
     result, context = run_validation(config)
     checks = config.gate.check(result)

@@ -114,13 +114,15 @@ class GGUFModel:
 
     ``n_ctx`` is both the context and the batch size, so one chunk is one ``llama_decode`` call
     (llama.cpp splits it into micro-batches of ``n_ubatch``). ``threads`` (default: all CPUs) is
-    used for batch decoding.
+    used for batch decoding. ``gpu_layers``: layers offloaded to a GPU (0 = none, -1 = all; needs a
+    llama.cpp build with GPU offload).
     """
 
     path: Path
     n_ctx: int
     threads: int | None = None
     n_ubatch: int = 512
+    gpu_layers: int = 0
     _llm: Any = field(default=None, init=False, repr=False)
     _batch: Any = field(default=None, init=False, repr=False)
 
@@ -135,8 +137,9 @@ class GGUFModel:
         threads = self.threads or os.cpu_count() or 1
         # logits_all=False: outputs are requested per position in our own batch
         self._llm = open_llama(self.path, n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ubatch,
-                               n_threads=threads, logits_all=False)
-        logger.info("llama.cpp opened %s (n_ctx %d, %d threads)", self.path.name, self.n_ctx, threads)
+                               n_threads=threads, logits_all=False, n_gpu_layers=self.gpu_layers)
+        logger.info("llama.cpp opened %s (n_ctx %d, %d threads, %d GPU layers)", self.path.name, self.n_ctx, threads,
+                    self.gpu_layers)
 
     # -- lifetime
     def close(self) -> None:

@@ -52,7 +52,9 @@ class ValidateConfig:
     evaluation text source (``dsnot_deploy.sources.textdata``). ``ctx``: tokens per chunk (n_ctx).
     ``checkpoint``: the sparse HF checkpoint, for the torch perplexity of the same tokens (optional).
     ``threads``: llama.cpp threads (default all CPUs). ``cache_dir``: where exported dense GGUFs are
-    kept (default ``$XDG_CACHE_HOME/dsnot-deploy/gguf``).
+    kept (default ``$XDG_CACHE_HOME/dsnot-deploy/gguf``). ``gpu_layers``: layers llama.cpp offloads
+    to a GPU, for both models (0 = CPU, the default; -1 = all); any other value needs a llama.cpp
+    build with GPU offload, checked here (``llamacpp_loader.check_gpu_layers``).
     """
 
     sparse: Path
@@ -67,6 +69,7 @@ class ValidateConfig:
     threads: int | None = None
     cache_dir: Path | None = None
     progress: Progress = True
+    gpu_layers: int = 0
 
     def __post_init__(self) -> None:
         parse_protocol(self.protocol)
@@ -81,6 +84,9 @@ class ValidateConfig:
             raise UserInputError("expected --dense to name a dense GGUF or model, found an empty string")
         if self.checkpoint is not None and not (Path(self.checkpoint) / "config.json").is_file():
             raise UserInputError(f"expected --checkpoint to be a checkpoint directory with config.json, found {self.checkpoint}")
+        from converters.llamacpp_loader import check_gpu_layers
+
+        check_gpu_layers(self.gpu_layers)  # imports llama.cpp only when layers are to be offloaded
 
 
 # --------------------------------------------------------------------------- results
@@ -146,6 +152,7 @@ class _ChildJob:
     ctx: int
     max_chunks: int | None
     threads: int | None
+    gpu_layers: int = 0
 
 
 def _score_in_child(reporter: Any, job: _ChildJob) -> None:
@@ -158,9 +165,9 @@ def _score_in_child(reporter: Any, job: _ChildJob) -> None:
     from dsnot_deploy.evaluation.llamacpp_runtime import GGUFModel, ScoringPlan
 
     reporter.phase("loading", job.sparse, job.sparse_qtype)
-    with GGUFModel(Path(job.sparse), job.ctx, job.threads) as sparse:
+    with GGUFModel(Path(job.sparse), job.ctx, job.threads, gpu_layers=job.gpu_layers) as sparse:
         reporter.phase("loading", job.dense, job.dense_qtype)
-        with GGUFModel(Path(job.dense), job.ctx, job.threads) as dense:
+        with GGUFModel(Path(job.dense), job.ctx, job.threads, gpu_layers=job.gpu_layers) as dense:
             if sparse.n_vocab != dense.n_vocab:
                 raise UserInputError(f"expected the same vocabulary size, found {dense.n_vocab} (dense) vs "
                                      f"{sparse.n_vocab} (sparse)")
@@ -206,7 +213,7 @@ def run_validation(config: ValidateConfig) -> tuple[ValidationResult, dict[str, 
     t_start = time.perf_counter()
     job = _ChildJob(sparse=str(sparse_info.path), sparse_qtype=sparse_info.file_type_name, dense=str(dense_path),
                     dense_qtype=dense_info.file_type_name, text=text, protocol=config.protocol, ctx=config.ctx,
-                    max_chunks=config.max_chunks, threads=config.threads)
+                    max_chunks=config.max_chunks, threads=config.threads, gpu_layers=config.gpu_layers)
     state: dict[str, Any] = {"chunks": []}
     bar: list[Any] = []
 
