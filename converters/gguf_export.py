@@ -348,6 +348,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
 
         reader = gguf.GGUFReader(final)
         zeros = count_zeros(reader, _pruned_names(reader), source)
+        _log_lattice(zeros)
         tensor_types = tensor_type_counts(reader)
         fallbacks, type_mismatches = check_written_types(plan, tensor_types_by_name(reader), native)
         del reader  # drop the mapping before the file is renamed
@@ -398,6 +399,15 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
         raise
     atomic_write_bytes(report_path(out), (json.dumps(report, indent=2) + "\n").encode())
     return report
+
+
+def _log_lattice(zeros: list[Any]) -> None:
+    """Say how many quantized decoder weights were written with no second rounding."""
+    quantized = [z for z in zeros if z.type not in ("F32", "F16", "BF16")]
+    if quantized:
+        exact = sum(z.exact for z in quantized)
+        logger.info("on lattice: %d of %d quantized decoder weights written with no second rounding%s", exact,
+                    len(quantized), "" if exact in (0, len(quantized)) else " (the others were rounded by ggml)")
 
 
 def check_written_types(

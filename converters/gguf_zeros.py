@@ -2,7 +2,9 @@
 
 For every GGUF weight that came from a checkpoint tensor, the checkpoint's exact zeros are the
 pruned positions.  The GGUF tensor is dequantized (gguf-py; K-quants included) and we count how many
-of those positions are still exactly zero, and how many new zeros quantization created.
+of those positions are still exactly zero, how many new zeros quantization created, and whether
+every value came back bit for bit (a checkpoint already on the type's lattice, e.g. from
+``refine --quantize``, is written with no second rounding; the sign of a zero is not compared).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class ZeroCount:
     zeros_source: int
     zeros_kept: int
     zeros_added: int
+    exact: bool = False  # every written value equals the checkpoint's (zeros' signs aside)
 
     @property
     def kept_fraction(self) -> float:
@@ -54,6 +57,8 @@ def count_zeros(
             raise ValueError(f"{name}: {written.size} values written, {src.size} in the checkpoint")
         was_zero = src == 0
         is_zero = written == 0
+        same = np.array_equal((np.asarray(written, dtype=np.float32) + np.float32(0)).view(np.uint32),
+                              (np.asarray(src, dtype=np.float32) + np.float32(0)).view(np.uint32))
         counts.append(ZeroCount(
             name=name,
             type=t.tensor_type.name,
@@ -61,6 +66,7 @@ def count_zeros(
             zeros_source=int(was_zero.sum()),
             zeros_kept=int((was_zero & is_zero).sum()),
             zeros_added=int((~was_zero & is_zero).sum()),
+            exact=same,
         ))
     return counts
 
@@ -75,4 +81,5 @@ def summarize(counts: list[ZeroCount]) -> dict[str, Any]:
         "zeros_added_by_quantization": sum(c.zeros_added for c in counts),
         "kept_fraction": 1.0 if zs == 0 else kept / zs,
         "tensors_fully_kept": sum(c.zeros_kept == c.zeros_source for c in counts),
+        "tensors_written_exactly": sum(c.exact for c in counts),
     }

@@ -10,14 +10,24 @@ import numpy as np
 import pytest
 import torch
 
-from dsnot_deploy.algorithms.config import PruneConfig, Refinement, SparsityPattern, Update
+from dsnot_deploy.algorithms.config import (
+    PruneConfig,
+    Refinement,
+    SparsityPattern,
+    Update,
+)
 from dsnot_deploy.algorithms.reconstruct import output_error
 from dsnot_deploy.cli import main
 from dsnot_deploy.errors import UserInputError
 from dsnot_deploy.layerwise.refine import CalibrationConfig, RefineJob, refine
 from dsnot_deploy.quant import gptq
 from dsnot_deploy.quant.gptq import QuantizeConfig, gptq_sweep, quantize_weight
-from dsnot_deploy.quant.lattice import LATTICES, ggml_round_trip, is_on_lattice, parse_lattice
+from dsnot_deploy.quant.lattice import (
+    LATTICES,
+    ggml_round_trip,
+    is_on_lattice,
+    parse_lattice,
+)
 from tests.tiny_models import save_tiny_checkpoint
 
 TYPES = sorted(LATTICES)
@@ -132,7 +142,8 @@ def test_quantized_checkpoint_is_written_by_export_with_no_second_rounding(tiny,
         layer, sub = lin["name"].split(".", 1)
         zeros = int((weights[f"model.layers.{layer}.{sub}.weight"] == 0).sum())
         assert zeros == lin["zeros"] + added[lin["name"]] and added[lin["name"]] >= 0
-    export_gguf(tmp_path / "q", tmp_path / "q.gguf", ExportConfig(qtype=name, progress=False))
+    report = export_gguf(tmp_path / "q", tmp_path / "q.gguf", ExportConfig(qtype=name, progress=False))
+    assert report["zeros"]["tensors_written_exactly"] == report["zeros"]["tensors"] == len(weights)
     written = _gguf_tensors(tmp_path / "q.gguf")
     hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -142,6 +153,14 @@ def test_quantized_checkpoint_is_written_by_export_with_no_second_rounding(tiny,
         _, layer, kind, _ = gname.split(".")
         source = weights[f"model.layers.{layer}.{hf[kind]}.weight"].numpy()
         assert np.array_equal((values + np.float32(0)).view(np.uint32), source.view(np.uint32)), gname
+
+
+def test_export_of_an_unquantized_checkpoint_rounds_it(tiny, tmp_path: Path) -> None:
+    from converters.gguf_export import ExportConfig, export_gguf
+
+    ckpt, _ = tiny
+    report = export_gguf(ckpt, tmp_path / "d.gguf", ExportConfig(qtype="Q4_0", progress=False))
+    assert report["zeros"]["tensors"] > 0 and report["zeros"]["tensors_written_exactly"] == 0
 
 
 def test_dense_quantization_only_through_the_driver(tiny) -> None:

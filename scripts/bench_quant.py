@@ -1,0 +1,331 @@
+"""Quantization onto GGUF lattices (issue 15): round-to-nearest, llama.cpp's imatrix quantizer, and ours.
+
+For each model *state* (``dense``, or a sparsity refined with the default pipeline: ``0.3``, ``0.5``,
+``2:4``) and each type (Q8_0, Q5_0, Q4_0), three files are written and scored in llama.cpp:
+
+- ``rtn``: `export --type T` of the state's checkpoint (ggml's round-to-nearest, gguf-py's reference
+  quantizer, no importance matrix): what users get today;
+- ``imatrix``: the state's F16 GGUF through llama.cpp's own quantizer with an importance matrix
+  (mean x^2 per input channel of every decoder Linear, measured on the calibration windows through
+  the state's own model), every tensor of type T (``pure``), as `llama-quantize --imatrix` would;
+- ``gptq``: the state's checkpoint quantized onto T's lattice by ``dsnot_deploy.quant`` (a
+  quantization-only pass, each layer calibrated on the quantized prefix), then `export --type T`; the
+  row records how many tensors ggml wrote with no second rounding ("on lattice").
+
+Perplexity: llama.cpp protocol (BOS first, second half of each chunk scored), ``--ctx`` tokens per
+chunk, on every ``--texts`` entry; each relative to the same state in F16.  Settings are chosen on
+``wiki-valid`` and reported on ``wiki-test``.  Rows are cached in docs/NAME.rows.jsonl (resumable);
+the report is rewritten after every row.
+
+    python scripts/bench_quant.py --states dense 0.5 --types Q4_0 --methods rtn imatrix gptq
+    python scripts/bench_quant.py --gptq-settings d0.01 d0.01,s0.8 --texts wiki-valid   # tuning
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dsnot_deploy.quant.gptq import QuantizeConfig  # noqa: E402
+from dsnot_deploy.quant.lattice import LATTICES  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+C4_TRAIN = DATA / "c4" / "en-train" / "c4_sample.jsonl"
+TEXTS = {"wiki-valid": DATA / "wikitext-2-raw-v1" / "wiki.valid.raw",
+         "wiki-test": DATA / "wikitext-2-raw-v1" / "wiki.test.raw"}
+LLAMA_CPP_VERSION = "0.3.36"
+
+
+def parse_settings(text: str) -> dict[str, Any]:
+    """``d0.01,s0.8,n16x512``: damping, smallest scale shrink (candidates 1.0 down to it in 0.05 steps),
+    calibration windows; missing parts take the defaults."""
+    out: dict[str, Any] = {"damping": 0.01, "min_shrink": 1.0, "nsamples": 16, "seqlen": 512}
+    for part in filter(None, text.split(",")):
+        if part[0] == "d":
+            out["damping"] = float(part[1:])
+        elif part[0] == "s":
+            out["min_shrink"] = float(part[1:])
+        elif part[0] == "n":
+            n, length = part[1:].split("x")
+            out["nsamples"], out["seqlen"] = int(n), int(length)
+        else:
+            raise SystemExit(f"unknown gptq setting {part!r} in {text!r}")
+    return out
+
+
+def shrinks(min_shrink: float) -> tuple[float, ...]:
+    steps = int(round((1.0 - min_shrink) / 0.05))
+    return tuple(round(1.0 - 0.05 * i, 4) for i in range(steps + 1))
+
+
+def state_checkpoint(work: Path, state: str, model: str, calib: tuple[int, int]) -> Path:
+    """The state's HF checkpoint: the dense model saved as is, or `refine` with the default pipeline."""
+    ckpt = work / f"state-{state.replace(':', '-')}"
+    if (ckpt / "config.json").is_file():
+        return ckpt
+    if state == "dense":
+        from dsnot_deploy.sources.checkpoint_io import save_checkpoint
+        from dsnot_deploy.sources.models import load_model
+
+        loaded = load_model(model, dtype=torch.float32)
+        save_checkpoint(loaded.model, loaded.tokenizer, ckpt)
+        return ckpt
+    flag = ["--pattern", state] if ":" in state else ["--sparsity", state]
+    print(f"refining {model} ({state}, default pipeline) into {ckpt} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "dsnot_deploy.cli", "refine", model, str(ckpt), *flag, "--calib",
+                    str(C4_TRAIN), "--nsamples", str(calib[0]), "--seqlen", str(calib[1]), "-q"], check=True)
+    return ckpt
+
+
+def calibration_windows(tokenizer: Any, nsamples: int, seqlen: int) -> torch.Tensor:
+    from dsnot_deploy.sources.textdata import load_text_source, sample_calibration
+
+    docs = load_text_source(str(C4_TRAIN)).documents
+    return sample_calibration(tokenizer, list(docs), nsamples, seqlen, 0)
+
+
+def gptq_checkpoint(work: Path, ckpt: Path, qtype: str, settings: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """``ckpt`` quantized onto ``qtype``'s lattice by a quantization-only pass; (folder, its record)."""
+    from dsnot_deploy.layerwise.driver import DriverConfig, run_layers
+    from dsnot_deploy.quant.record import quantize_record
+    from dsnot_deploy.sources.checkpoint_io import save_checkpoint
+    from dsnot_deploy.sources.models import find_decoder_layers, load_model
+
+    tag = f"d{settings['damping']}-s{settings['min_shrink']}-n{settings['nsamples']}x{settings['seqlen']}"
+    out = work / f"{ckpt.name}-gptq-{qtype}-{tag}"
+    record_file = out / "quantize.json"
+    if record_file.is_file():
+        return out, json.loads(record_file.read_text())
+    loaded = load_model(str(ckpt), dtype=torch.float32)
+    samples = calibration_windows(loaded.tokenizer, settings["nsamples"], settings["seqlen"])
+    config = QuantizeConfig(type=qtype, damping=settings["damping"], shrinks=shrinks(settings["min_shrink"]))
+    _, layers = find_decoder_layers(loaded.model)
+    result = run_layers(loaded.model, layers, samples, DriverConfig(prune=None, quantize=config, progress=False))
+    record = quantize_record(config, result)["quantize"]
+    manifest = ckpt / "sparsity.json"
+    extra = {"quantize.json": json.dumps({k: v for k, v in record.items() if k != "linears"}).encode()}
+    save_checkpoint(loaded.model, loaded.tokenizer, out, extra_files=extra, force=True,
+                    **({"manifest_name": "sparsity.json", "manifest": manifest.read_bytes()} if manifest.is_file()
+                       else {}))
+    return out, record
+
+
+def importance(ckpt: Path, nsamples: int, seqlen: int) -> dict[str, np.ndarray]:
+    """GGUF weight name -> mean x^2 per input channel of each decoder Linear, through ``ckpt``'s model."""
+    import gguf
+
+    from dsnot_deploy.sources.models import find_decoder_layers, load_model
+
+    loaded = load_model(str(ckpt), dtype=torch.float32)
+    model = loaded.model
+    path, layers = find_decoder_layers(model)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, len(layers))
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for i, layer in enumerate(layers):
+        for name, mod in layer.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                key = f"{path}.{i}.{name}"
+
+                def hook(m, args, out, key=key) -> None:
+                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                    sums[key] = sums.get(key, 0) + (x * x).sum(0)
+                    counts[key] = counts.get(key, 0) + x.shape[0]
+                hooks.append(mod.register_forward_hook(hook))
+    samples = calibration_windows(loaded.tokenizer, nsamples, seqlen)
+    with torch.no_grad():
+        for row in samples:
+            model(row.unsqueeze(0))
+    for h in hooks:
+        h.remove()
+    out = {}
+    for key, total in sums.items():
+        name = tmap.get_name(key + ".weight", try_suffixes=(".weight",))
+        if name is not None:
+            out[name] = (total / counts[key]).numpy().astype(np.float32)
+    return out
+
+
+def export(ckpt: Path, out: Path, qtype: str) -> dict[str, Any]:
+    from converters.gguf_export import ExportConfig, export_gguf
+
+    if not out.is_file():
+        export_gguf(ckpt, out, ExportConfig(qtype=qtype, progress=False, imatrix="none"))
+    return {"bytes": out.stat().st_size}
+
+
+def llamacpp_imatrix(f16: Path, out: Path, qtype: str, imatrix: dict[str, np.ndarray]) -> dict[str, Any]:
+    from gguf import LlamaFileType
+
+    from converters.llamacpp_quantize import llamacpp_quantize
+
+    if not out.is_file():
+        tmp = out.with_suffix(".tmp.gguf")
+        llamacpp_quantize(f16, tmp, int(getattr(LlamaFileType, f"MOSTLY_{qtype}")), imatrix=imatrix, pure=True)
+        tmp.rename(out)
+    return {"bytes": out.stat().st_size}
+
+
+def on_lattice(ckpt: Path, gguf_path: Path) -> tuple[int, int]:
+    """Decoder weights of ``gguf_path`` whose dequantized values equal the checkpoint's bit for bit
+    (rows compared as sets where the exporter permuted Q/K rows)."""
+    import gguf
+    from gguf import quants
+    from safetensors.torch import load_file
+
+    source: dict[str, torch.Tensor] = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        source.update(load_file(f))
+    reader = gguf.GGUFReader(gguf_path)
+    n_layers = 1 + max(int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk."))
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    by_gguf = {tmap.get_name(k, try_suffixes=(".weight",)): v for k, v in source.items() if ".layers." in k}
+    exact = total = 0
+    for t in reader.tensors:
+        if not (t.name.startswith("blk.") and len(t.shape) == 2) or t.name not in by_gguf:
+            continue
+        total += 1
+        back = quants.dequantize(t.data, t.tensor_type).reshape(int(t.shape[1]), int(t.shape[0])) + np.float32(0)
+        src = by_gguf[t.name].numpy() + np.float32(0)
+        if ".attn_q." in t.name or ".attn_k." in t.name:  # rows permuted for llama.cpp's rotary layout
+            back, src = np.sort(back.view(np.uint32), axis=0), np.sort(src.view(np.uint32), axis=0)
+            exact += int(np.array_equal(np.sort(back, axis=1), np.sort(src, axis=1)))
+        else:
+            exact += int(np.array_equal(back.view(np.uint32), src.view(np.uint32)))
+    return exact, total
+
+
+def perplexities(path: Path, texts: list[str], ctx: int, chunks: int, tokenizer: Any) -> dict[str, float]:
+    from converters.llamacpp_loader import open_llama
+    from dsnot_deploy.evaluation.llamacpp_runtime import logits_fn
+    from dsnot_deploy.evaluation.perplexity import perplexity_llamacpp
+    from dsnot_deploy.sources.textdata import load_text_source, tokenize_eval
+
+    out = {}
+    llm = open_llama(path, n_ctx=ctx, logits_all=True)
+    try:
+        for name in texts:
+            ids = tokenize_eval(tokenizer, load_text_source(str(TEXTS[name])).eval_text("llamacpp"))
+            bos = tokenizer.bos_token_id
+            res = perplexity_llamacpp(logits_fn(llm), ids, ctx, bos, max_chunks=chunks, progress=False)
+            out[f"ppl:{name}"] = res.ppl
+    finally:
+        llm.close()
+    return out
+
+
+def write_report(rows: list[dict[str, Any]], name: str, args: argparse.Namespace) -> None:
+    f16 = {r["state"]: r for r in rows if r["method"] == "f16"}
+    lines = [f"# {name}: GPTQ onto GGUF lattices vs round-to-nearest and llama.cpp's imatrix quantizer", "",
+             f"Model {args.model}; llama.cpp {LLAMA_CPP_VERSION} protocol, ctx {args.ctx}, {args.chunks} chunks; "
+             f"ratios are ppl / the same state's F16 ppl. Command: `python scripts/bench_quant.py "
+             f"{' '.join(sys.argv[1:])}`", ""]
+    for text in args.texts:
+        lines += [f"## {text}", "", "| state | type | method | settings | MiB | ppl | ratio to F16 | on lattice |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            key = f"ppl:{text}"
+            if key not in r:
+                continue
+            base = f16.get(r["state"], {}).get(key)
+            ratio = f"{r[key] / base:.4f}" if base else "-"
+            lat = f"{r['on_lattice'][0]} of {r['on_lattice'][1]}" if "on_lattice" in r else ""
+            lines.append(f"| {r['state']} | {r['type']} | {r['method']} | {r.get('settings', '')} | "
+                         f"{r['bytes'] / 2**20:.1f} | {r[key]:.3f} | {ratio} | {lat} |")
+        lines.append("")
+    out = ROOT / "docs" / f"{name}.md"
+    out.write_text("\n".join(lines) + "\n")
+    (ROOT / "docs" / f"{name}.json").write_text(json.dumps({"args": vars(args) | {"work": str(args.work)},
+                                                            "rows": rows}, indent=1, default=str) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--states", nargs="+", default=["dense", "0.3", "0.5", "2:4"])
+    p.add_argument("--types", nargs="+", default=["Q8_0", "Q5_0", "Q4_0"], choices=sorted(LATTICES))
+    p.add_argument("--methods", nargs="+", default=["rtn", "imatrix", "gptq"], choices=["rtn", "imatrix", "gptq"])
+    p.add_argument("--gptq-settings", nargs="+", default=["d0.01"],
+                   help="each: d<damping>,s<min shrink>,n<N>x<L> (see parse_settings)")
+    p.add_argument("--refine-calib", default="16x512", help="calibration of the sparse states' refine")
+    p.add_argument("--imatrix-calib", default="16x512")
+    p.add_argument("--texts", nargs="+", default=["wiki-valid", "wiki-test"], choices=sorted(TEXTS))
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--chunks", type=int, default=16)
+    p.add_argument("--work", type=Path, default=Path("/tmp/bench_quant"))
+    p.add_argument("--name", default="bench_quant")
+    args = p.parse_args()
+    from transformers import AutoTokenizer
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    cache = ROOT / "docs" / f"{args.name}.rows.jsonl"
+    rows = [json.loads(line) for line in cache.read_text().splitlines()] if cache.is_file() else []
+    done = {r["key"] for r in rows}
+    refine_calib = tuple(int(v) for v in args.refine_calib.split("x"))
+    im_calib = tuple(int(v) for v in args.imatrix_calib.split("x"))
+
+    def add(row: dict[str, Any]) -> None:
+        rows.append(row)
+        with cache.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        write_report(rows, args.name, args)
+        print(json.dumps({k: v for k, v in row.items() if k != "key"}), flush=True)
+
+    for state in args.states:
+        ckpt = state_checkpoint(args.work, state, args.model, refine_calib)  # type: ignore[arg-type]
+        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+        f16 = args.work / f"{ckpt.name}-F16.gguf"
+        jobs: list[tuple[str, str, str]] = [("F16", "f16", "")]
+        for qtype in args.types:
+            for method in args.methods:
+                for s in (args.gptq_settings if method == "gptq" else [""]):
+                    jobs.append((qtype, method, s if method == "gptq" else
+                                 (f"n{args.imatrix_calib}" if method == "imatrix" else "")))
+        imatrix: dict[str, np.ndarray] | None = None
+        for qtype, method, settings in jobs:
+            key = "|".join([args.model, state, args.refine_calib, qtype, method, settings, str(args.ctx),
+                            str(args.chunks), ",".join(args.texts)])
+            if key in done:
+                continue
+            t0 = time.perf_counter()
+            row: dict[str, Any] = {"key": key, "model": args.model, "state": state, "type": qtype, "method": method,
+                                   "settings": settings}
+            if method == "f16":
+                row |= export(ckpt, f16, "F16")
+                path = f16
+            elif method == "rtn":
+                path = args.work / f"{ckpt.name}-{qtype}-rtn.gguf"
+                row |= export(ckpt, path, qtype)
+            elif method == "imatrix":
+                export(ckpt, f16, "F16")
+                if imatrix is None:
+                    imatrix = importance(ckpt, *im_calib)
+                path = args.work / f"{ckpt.name}-{qtype}-imatrix-{settings}.gguf"
+                row |= llamacpp_imatrix(f16, path, qtype, imatrix)
+            else:
+                qckpt, record = gptq_checkpoint(args.work, ckpt, qtype, parse_settings(settings))
+                path = args.work / f"{qckpt.name}.gguf"
+                row |= export(qckpt, path, qtype)
+                row["on_lattice"] = on_lattice(qckpt, path)
+                row["quantize"] = {k: record[k] for k in ("linears_quantized", "linears_gptq",
+                                                          "mean_relative_error_rtn", "mean_relative_error",
+                                                          "zeros_added", "seconds")}
+            row |= perplexities(path, args.texts, args.ctx, args.chunks, tokenizer)
+            row["seconds"] = time.perf_counter() - t0
+            add(row)
+
+
+if __name__ == "__main__":
+    main()
