@@ -7,14 +7,8 @@ on that intermediate file -> read the result back and count the pruned zeros tha
 into place and write ``OUT.export.json``.  Nothing appears under the final name until it is
 complete; temporaries live next to it and are removed on any failure.
 
-The type of every tensor is planned before anything is written.  Direct types: tensors whose row length
-is not a multiple of the type's block size are written as F16, like llama.cpp's own converter does.
-Planned llama.cpp types (the SPARSE_* presets, Q6_K): each tensor gets its intended type or a zero-keeping
-fallback chosen per row width (``gguf_types.plan_tensor_type``), passed to llama.cpp by exact name.
-llama.cpp's own mixes (Q4_K_M, ...) choose their types themselves; the fallbacks llama.cpp logs are kept.
-Every fallback is logged (grouped) and listed in the report with its intended type, written type and
-reason; after writing, the file's tensor types are read back and any tensor that differs from the plan
-is reported too.
+Every tensor's type is planned first (``gguf_types.plan_weight``: F16 or zero-keeping fallbacks where rows
+do not fit a block), passed to llama.cpp by exact name, checked on the written file and reported.
 """
 
 from __future__ import annotations
@@ -44,6 +38,7 @@ from dsnot_deploy.atomic import (
 from dsnot_deploy.errors import UnsupportedModelError, UserInputError
 from dsnot_deploy.progress import Progress, open_bar
 
+from . import gguf_types
 from .gguf_arch import ArchSpec, find_arch, llama3_rope_factors, needs_rope_freqs
 from .gguf_info import tensor_type_counts, tensor_types_by_name
 from .gguf_metadata import (
@@ -60,19 +55,11 @@ from .gguf_tokenizer import (
     usable_probes,
     write_vocab,
 )
-from .gguf_types import (
-    OutputType,
-    TensorTypeChoice,
-    fallback_reason,
-    parse_output_type,
-    plan_tensor_type,
-    summarize_fallbacks,
-    zero_keeping_names,
-)
+from .gguf_types import OutputType, parse_output_type, zero_keeping_names
 from .gguf_zeros import count_zeros, summarize
 from .hf_source import HFCheckpoint, open_checkpoint
 from .imatrix import imatrix_from_stats, read_imatrix_file
-from .llamacpp_quantize import LlamacppFallback, llamacpp_quantize
+from .llamacpp_quantize import llamacpp_quantize
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +99,7 @@ class PlannedTensor:
     shape: tuple[int, ...]  # row-major, numpy order
     qtype: Q  # the type streamed by gguf-py (the float carrier when llama.cpp quantizes afterwards)
     pruned: bool  # a 2-D weight inside a decoder layer: its zeros are counted
-    # the type of the finished file (intended, written, why they differ); None: llama.cpp's mix decides
-    choice: TensorTypeChoice | None = None
-
-    @property
-    def fallback(self) -> bool:
-        return self.choice is not None and self.choice.fallback
+    choice: gguf_types.TensorTypeChoice | None = None  # the finished file's type; None: llama.cpp's mix decides
 
     @property
     def nbytes(self) -> int:
@@ -133,13 +115,8 @@ class _Plan:
     def by_name(self) -> dict[str, PlannedTensor]:
         return {t.gguf_name: t for t in self.tensors}
 
-    def choices(self) -> list[TensorTypeChoice]:
-        return [t.choice for t in self.tensors if t.choice is not None]
-
-    def exact_overrides(self) -> tuple[tuple[str, Q], ...]:
-        """The planned type of every quantized weight as llama.cpp overrides, one anchored exact name each."""
-        return tuple((f"^{re.escape(t.gguf_name)}$", Q[t.choice.written]) for t in self.tensors
-                     if t.choice is not None and len(t.shape) == 2 and t.gguf_name.endswith(".weight"))
+    def choices(self) -> dict[str, gguf_types.TensorTypeChoice | None]:
+        return {t.gguf_name: t.choice for t in self.tensors}
 
 
 def report_path(out: Path) -> Path:
@@ -176,14 +153,11 @@ def _intermediate_type(ckpt: HFCheckpoint) -> Q:
 
 
 def plan_tensors(ckpt: HFCheckpoint, spec: ArchSpec, weight_type: Q, otype: OutputType | None = None) -> _Plan:
-    """Every tensor's GGUF name, shape and streamed type; with ``otype`` the type of the finished file too
-    (``weight_type`` is then the direct type, or the float carrier of a llama.cpp type)."""
     cfg = ckpt.text_config
     n_blocks = int(cfg["num_hidden_layers"])
     to_gguf = _name_mapper(spec, n_blocks)
     tied = _is_tied(ckpt)
     plan = _Plan()
-    block = gguf.GGML_QUANT_SIZES[weight_type][0]
     for hf_name in sorted(ckpt.tensors, key=_natural_key):
         if hf_name.endswith(_SKIPPED_SUFFIXES) or (tied and hf_name == "lm_head.weight"):
             continue
@@ -194,23 +168,16 @@ def plan_tensors(ckpt: HFCheckpoint, spec: ArchSpec, weight_type: Q, otype: Outp
                 f"tensor {hf_name} of {ckpt.architecture} has no GGUF name in gguf-py's table for {spec.name}"
             )
         if len(ref.shape) == 2 and name.endswith(".weight"):
-            ncols = ref.shape[-1]  # ne0: the row length blocks run along
-            choice: TensorTypeChoice | None
-            if otype is not None and otype.via_llamacpp:
-                qtype = weight_type
-                choice = plan_tensor_type(otype, name, ncols) if otype.planned else None
-            else:
-                qtype = weight_type if ncols % block == 0 else Q.F16
-                choice = TensorTypeChoice(name, weight_type.name, qtype.name,
-                                          "" if qtype == weight_type else fallback_reason(weight_type.name, ncols))
+            qtype, choice = gguf_types.plan_weight(otype, weight_type, name, ref.shape[-1])  # ne0: row length
             plan.tensors.append(PlannedTensor(hf_name, name, ref.shape, qtype, name.startswith("blk."), choice))
         else:
-            plan.tensors.append(PlannedTensor(hf_name, name, ref.shape, Q.F32, False,
-                                              TensorTypeChoice(name, Q.F32.name, Q.F32.name)))
+            f32 = gguf_types.TensorTypeChoice(name, "F32", "F32")
+            plan.tensors.append(PlannedTensor(hf_name, name, ref.shape, Q.F32, False, f32))
     if needs_rope_freqs(cfg):
         n = len(llama3_rope_factors(cfg))
         rope = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-        plan.tensors.append(PlannedTensor(None, rope, (n,), Q.F32, False, TensorTypeChoice(rope, "F32", "F32")))
+        f32 = gguf_types.TensorTypeChoice(rope, "F32", "F32")
+        plan.tensors.append(PlannedTensor(None, rope, (n,), Q.F32, False, f32))
     return plan
 
 
@@ -318,7 +285,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
         )
     weight_type = otype.direct if otype.direct is not None else _intermediate_type(ckpt)
     plan = plan_tensors(ckpt, spec, weight_type, otype)
-    for line in summarize_fallbacks(plan.choices()):
+    for line in gguf_types.summarize_fallbacks(plan.choices().values()):
         logger.warning("%s: %s", otype.name, line)
     tokenizer = load_hf_tokenizer(ckpt.root)
     vocab = build_vocab(ckpt.root, int(cfg["vocab_size"]), tokenizer)
@@ -334,11 +301,12 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
         ftype = _CARRIER_FTYPES.get(weight_type, otype.ftype) if otype.via_llamacpp else otype.ftype
         naming = naming_keys(ckpt, config.naming, _param_count(plan))
         _write_gguf(first, ckpt, spec, plan, vocab, pre, ftype, config.progress, naming)
-        native: list[LlamacppFallback] = []
+        native: dict[str, gguf_types.TensorTypeChoice] = {}
         if otype.via_llamacpp:
-            overrides = plan.exact_overrides() if otype.planned else otype.overrides
-            native = llamacpp_quantize(first, final, int(otype.ftype), imatrix=imatrix or None, overrides=overrides,
-                                       pure=otype.pure, nthread=config.threads)
+            overrides = gguf_types.exact_overrides(plan.choices()) if otype.planned else otype.overrides
+            native = {f.name: f.as_choice() for f in llamacpp_quantize(
+                first, final, int(otype.ftype), imatrix=imatrix or None, overrides=overrides, pure=otype.pure,
+                nthread=config.threads)}
             first.unlink()
         written = time.perf_counter()
         planned = plan.by_name()
@@ -350,7 +318,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
         zeros = count_zeros(reader, _pruned_names(reader), source)
         _log_lattice(zeros)
         tensor_types = tensor_type_counts(reader)
-        fallbacks, type_mismatches = check_written_types(plan, tensor_types_by_name(reader), native)
+        written_types = tensor_types_by_name(reader)
         del reader  # drop the mapping before the file is renamed
         file_bytes, n_params = final.stat().st_size, _param_count(plan)
         probes = usable_probes(tokenizer)
@@ -365,13 +333,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
             "type_description": otype.description,
             "naming": naming,
             "tensor_types": tensor_types,
-            "fallback_tensors": [f.name for f in fallbacks],
-            "fallbacks": [f.as_dict() for f in fallbacks],
-            "type_check": {
-                "planned": len(plan.choices()),
-                "chosen_by_llamacpp": len(plan.tensors) - len(plan.choices()),
-                "mismatches": [m.as_dict() for m in type_mismatches],
-            },
+            **gguf_types.type_report(plan.choices(), written_types, native),
             "imatrix": {"source": imatrix_source, "entries": len(imatrix)},
             "sparse_input": sparse,
             "manifest": manifest_summary(ckpt.manifest),
@@ -408,45 +370,6 @@ def _log_lattice(zeros: list[Any]) -> None:
         exact = sum(z.exact for z in quantized)
         logger.info("on lattice: %d of %d quantized decoder weights written with no second rounding%s", exact,
                     len(quantized), "" if exact in (0, len(quantized)) else " (the others were rounded by ggml)")
-
-
-def check_written_types(
-    plan: _Plan, written: dict[str, str], native: list[LlamacppFallback]
-) -> tuple[list[TensorTypeChoice], list[TensorTypeChoice]]:
-    """Compare the file's tensor types with the plan: (every fallback, the tensors that differ from the plan).
-
-    A planned tensor written as planned is a fallback when the plan is one; one written otherwise is a
-    mismatch (and a fallback decided by llama.cpp).  A tensor llama.cpp's mix chose the type of is a fallback
-    when llama.cpp's log says so.  Mismatches and llama.cpp's fallbacks are logged here; the plan's own
-    fallbacks were logged before writing."""
-    said = {f.name: f for f in native}
-    fallbacks: list[TensorTypeChoice] = []
-    mismatches: list[TensorTypeChoice] = []
-    unplanned: list[TensorTypeChoice] = []
-    for t in plan.tensors:
-        actual = written.get(t.gguf_name, "absent")
-        log = said.get(t.gguf_name)
-        if t.choice is None:
-            if log is not None:
-                unplanned.append(TensorTypeChoice(t.gguf_name, log.intended, actual,
-                                                  f"rows {log.ncols} not a multiple of {log.block} "
-                                                  f"({log.intended} block size)",
-                                                  decided_by="llama.cpp"))
-        elif actual == t.choice.written:
-            if t.choice.fallback:
-                fallbacks.append(t.choice)
-        else:
-            why = f"planned {t.choice.written}, llama.cpp wrote {actual}"
-            if log is not None:
-                why += f" (rows {log.ncols} not a multiple of {log.block}, {log.intended} block size)"
-            mismatches.append(TensorTypeChoice(t.gguf_name, t.choice.intended, actual, why, decided_by="llama.cpp"))
-    for line in summarize_fallbacks(unplanned):
-        logger.warning("llama.cpp fell back: %s", line)
-    if mismatches:
-        shown = ", ".join(f"{m.name} ({m.reason})" for m in mismatches[:5])
-        logger.warning("%d tensor%s written in another type than planned: %s%s", len(mismatches),
-                       "s" if len(mismatches) != 1 else "", shown, ", ..." if len(mismatches) > 5 else "")
-    return fallbacks + unplanned + mismatches, mismatches
 
 
 def _param_count(plan: _Plan) -> int:

@@ -19,13 +19,17 @@ divides the row (Q3_K -> Q4_0, Q6_K -> Q8_0, else F16), and the export report li
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType as F
+
+logger = logging.getLogger(__name__)
 
 ZERO_KEEPING = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.Q3_K, Q.Q6_K, Q.TQ1_0, Q.TQ2_0, Q.MXFP4})
 
@@ -188,16 +192,84 @@ def fallback_reason(intended: str, ncols: int) -> str:
         f"rows {ncols} do not fit {intended}"
 
 
-def summarize_fallbacks(choices: Iterable[TensorTypeChoice]) -> list[str]:
+def summarize_fallbacks(choices: Iterable[TensorTypeChoice | None]) -> list[str]:
     """One line per (intended, written, reason) group, e.g. "150 tensors Q3_K -> Q4_0: rows 576 not a
-    multiple of 256 (Q3_K block size)", largest group first."""
+    multiple of 256 (Q3_K block size)", largest group first (None entries, tensors without a plan, skipped)."""
     groups: dict[tuple[str, str, str], int] = {}
     for c in choices:
-        if c.fallback:
+        if c is not None and c.fallback:
             key = (c.intended, c.written, c.reason)
             groups[key] = groups.get(key, 0) + 1
     ordered = sorted(groups.items(), key=lambda kv: (-kv[1], kv[0]))
     return [f"{n} tensor{'s' if n != 1 else ''} {i} -> {w}: {r}" for (i, w, r), n in ordered]
+
+
+def plan_weight(otype: OutputType | None, weight_type: Q, name: str, ncols: int) -> tuple[Q, TensorTypeChoice | None]:
+    """(the type gguf-py streams, the type planned for the finished file) of a 2-D weight with rows of ``ncols``.
+
+    A direct type (or ``otype`` None) streams ``weight_type``, or F16 where its block does not divide the
+    rows.  A llama.cpp type streams the float carrier ``weight_type``; the file's type is
+    ``plan_tensor_type``'s for planned types, None (llama.cpp's mix decides) for the others."""
+    if otype is not None and otype.via_llamacpp:
+        return weight_type, plan_tensor_type(otype, name, ncols) if otype.planned else None
+    if ncols % block_size(weight_type) == 0:
+        return weight_type, TensorTypeChoice(name, weight_type.name, weight_type.name)
+    return Q.F16, TensorTypeChoice(name, weight_type.name, Q.F16.name, fallback_reason(weight_type.name, ncols))
+
+
+def exact_overrides(choices: Mapping[str, TensorTypeChoice | None]) -> tuple[tuple[str, Q], ...]:
+    """The planned types as llama.cpp overrides, one anchored exact name each (F32 tensors, the 1-D ones
+    llama.cpp never quantizes, are not named)."""
+    return tuple((f"^{re.escape(name)}$", Q[c.written]) for name, c in choices.items()
+                 if c is not None and c.written != "F32")
+
+
+def check_written_types(
+    planned: Mapping[str, TensorTypeChoice | None], written: Mapping[str, str], native: Mapping[str, TensorTypeChoice]
+) -> tuple[list[TensorTypeChoice], list[TensorTypeChoice]]:
+    """Compare a file's tensor types (``written``, by name) with the plan: (every fallback, the mismatches).
+
+    A planned tensor written as planned is a fallback when its plan is one; one written otherwise is a
+    mismatch (and a fallback decided by llama.cpp).  A tensor whose type llama.cpp's mix chose (plan None)
+    is a fallback when llama.cpp's log said so (``native``).  Mismatches and llama.cpp's fallbacks are
+    logged here; the plan's own fallbacks are logged before writing (``summarize_fallbacks``)."""
+    fallbacks: list[TensorTypeChoice] = []
+    mismatches: list[TensorTypeChoice] = []
+    unplanned: list[TensorTypeChoice] = []
+    for name, choice in planned.items():
+        actual, said = written.get(name, "absent"), native.get(name)
+        if choice is None:
+            if said is not None:
+                unplanned.append(TensorTypeChoice(name, said.intended, actual, said.reason, "llama.cpp"))
+        elif actual == choice.written:
+            if choice.fallback:
+                fallbacks.append(choice)
+        else:
+            why = f"planned {choice.written}, llama.cpp wrote {actual}" + (f" ({said.reason})" if said else "")
+            mismatches.append(TensorTypeChoice(name, choice.intended, actual, why, "llama.cpp"))
+    for line in summarize_fallbacks(unplanned):
+        logger.warning("llama.cpp fell back: %s", line)
+    if mismatches:
+        shown = ", ".join(f"{m.name} ({m.reason})" for m in mismatches[:5])
+        logger.warning("%d tensor%s written in another type than planned: %s%s", len(mismatches),
+                       "s" if len(mismatches) != 1 else "", shown, ", ..." if len(mismatches) > 5 else "")
+    return fallbacks + unplanned + mismatches, mismatches
+
+
+def type_report(
+    planned: Mapping[str, TensorTypeChoice | None], written: Mapping[str, str], native: Mapping[str, TensorTypeChoice]
+) -> dict[str, Any]:
+    """The export report's fallback entries: ``fallback_tensors`` (names), ``fallbacks`` (name, intended,
+    written, reason, decided_by) and ``type_check`` (tensors planned, tensors llama.cpp's mix chose, and
+    every tensor written in another type than planned)."""
+    fallbacks, mismatches = check_written_types(planned, written, native)
+    n_planned = sum(c is not None for c in planned.values())
+    return {
+        "fallback_tensors": [f.name for f in fallbacks],
+        "fallbacks": [f.as_dict() for f in fallbacks],
+        "type_check": {"planned": n_planned, "chosen_by_llamacpp": len(planned) - n_planned,
+                       "mismatches": [m.as_dict() for m in mismatches]},
+    }
 
 
 def zero_keeping_names() -> list[str]:

@@ -24,6 +24,8 @@ from gguf import GGMLQuantizationType
 
 from dsnot_deploy.errors import DsnotError
 
+from .gguf_types import TensorTypeChoice
+
 logger = logging.getLogger(__name__)
 
 _NATIVE_LOGGER = "llama_cpp.native"  # where converters.llamacpp_log routes llama.cpp's lines
@@ -44,6 +46,10 @@ class LlamacppFallback:
     block: int
     intended: str
     written: str
+
+    def as_choice(self) -> TensorTypeChoice:
+        reason = f"rows {self.ncols} not a multiple of {self.block} ({self.intended} block size)"
+        return TensorTypeChoice(self.name, self.intended, self.written, reason, decided_by="llama.cpp")
 
 
 class _FallbackCollector(logging.Handler):

@@ -13,7 +13,7 @@ import gguf
 import pytest
 import torch
 
-from converters import gguf_export
+from converters import gguf_types
 from converters.gguf_export import ExportConfig, export_gguf
 from converters.gguf_types import (
     OUTPUT_TYPES,
@@ -118,12 +118,12 @@ def test_a_written_type_that_differs_from_the_plan_is_reported(tmp_path: Path, m
     """If llama.cpp writes another type than planned (here: it is told another one), the report says so."""
     pytest.importorskip("llama_cpp")
     ckpt = save_tiny_checkpoint(tmp_path / "narrow", arch="llama")
-    real = gguf_export._Plan.exact_overrides
+    real = gguf_types.exact_overrides
 
-    def wrong(self):
-        return tuple((p, Q.Q8_0 if "blk\\.0\\.attn_q" in p else t) for p, t in real(self))
+    def wrong(choices):
+        return tuple((p, Q.Q8_0 if "blk\\.0\\.attn_q" in p else t) for p, t in real(choices))
 
-    monkeypatch.setattr(gguf_export._Plan, "exact_overrides", wrong)
+    monkeypatch.setattr(gguf_types, "exact_overrides", wrong)
     with caplog.at_level(logging.WARNING, logger="converters.gguf_export"):
         report = export_gguf(ckpt, tmp_path / "m.gguf", ExportConfig(qtype="SPARSE_Q3", progress=False))
     [mismatch] = report["type_check"]["mismatches"]
