@@ -48,14 +48,17 @@ LLAMA_CPP_VERSION = "0.3.36"
 
 
 def parse_settings(text: str) -> dict[str, Any]:
-    """``d0.01,s0.8,n16x512``: damping, smallest scale shrink (candidates 1.0 down to it in 0.05 steps),
-    calibration windows; missing parts take the defaults."""
-    out: dict[str, Any] = {"damping": 0.01, "min_shrink": 1.0, "nsamples": 16, "seqlen": 512}
+    """``d0.1,s0.8,a0.3,n16x512``: damping, smallest scale shrink (candidates 1.0 down to it in 0.05
+    steps), the sweep's shrink of H toward its diagonal, calibration windows; missing parts take the
+    defaults (QuantizeConfig's)."""
+    out: dict[str, Any] = {"damping": 0.1, "min_shrink": 0.8, "alpha": 0.3, "nsamples": 16, "seqlen": 512}
     for part in filter(None, text.split(",")):
         if part[0] == "d":
             out["damping"] = float(part[1:])
         elif part[0] == "s":
             out["min_shrink"] = float(part[1:])
+        elif part[0] == "a":
+            out["alpha"] = float(part[1:])
         elif part[0] == "n":
             n, length = part[1:].split("x")
             out["nsamples"], out["seqlen"] = int(n), int(length)
@@ -102,14 +105,16 @@ def gptq_checkpoint(work: Path, ckpt: Path, qtype: str, settings: dict[str, Any]
     from dsnot_deploy.sources.checkpoint_io import save_checkpoint
     from dsnot_deploy.sources.models import find_decoder_layers, load_model
 
-    tag = f"d{settings['damping']}-s{settings['min_shrink']}-n{settings['nsamples']}x{settings['seqlen']}"
+    tag = (f"d{settings['damping']}-s{settings['min_shrink']}-a{settings['alpha']}-n{settings['nsamples']}x"
+           f"{settings['seqlen']}")
     out = work / f"{ckpt.name}-gptq-{qtype}-{tag}"
     record_file = out / "quantize.json"
     if record_file.is_file():
         return out, json.loads(record_file.read_text())
     loaded = load_model(str(ckpt), dtype=torch.float32)
     samples = calibration_windows(loaded.tokenizer, settings["nsamples"], settings["seqlen"])
-    config = QuantizeConfig(type=qtype, damping=settings["damping"], shrinks=shrinks(settings["min_shrink"]))
+    config = QuantizeConfig(type=qtype, damping=settings["damping"], shrinks=shrinks(settings["min_shrink"]),
+                            diag_shrink=settings["alpha"])
     _, layers = find_decoder_layers(loaded.model)
     result = run_layers(loaded.model, layers, samples, DriverConfig(prune=None, quantize=config, progress=False))
     record = quantize_record(config, result)["quantize"]
@@ -257,7 +262,7 @@ def main() -> None:
     p.add_argument("--states", nargs="+", default=["dense", "0.3", "0.5", "2:4"])
     p.add_argument("--types", nargs="+", default=["Q8_0", "Q5_0", "Q4_0"], choices=sorted(LATTICES))
     p.add_argument("--methods", nargs="+", default=["rtn", "imatrix", "gptq"], choices=["rtn", "imatrix", "gptq"])
-    p.add_argument("--gptq-settings", nargs="+", default=["d0.01"],
+    p.add_argument("--gptq-settings", nargs="+", default=["d0.1,s0.8,a0.3"],
                    help="each: d<damping>,s<min shrink>,n<N>x<L> (see parse_settings)")
     p.add_argument("--refine-calib", default="16x512", help="calibration of the sparse states' refine")
     p.add_argument("--imatrix-calib", default="16x512")

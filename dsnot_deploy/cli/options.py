@@ -68,11 +68,14 @@ def add_refine_options(p: argparse.ArgumentParser) -> None:
                          "(pruned weights stay exactly 0; kept per Linear only where it beats ggml's "
                          "round-to-nearest on calibration data); `export --type TYPE` then writes these values "
                          "with no second rounding. Needs --dtype float32")
-    qz.add_argument("--quant-damping", type=float, default=0.01, metavar="D",
-                    help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
-    qz.add_argument("--quant-shrinks", type=float, nargs="+", default=[1.0], metavar="S",
+    qz.add_argument("--quant-damping", type=float, default=0.1, metavar="D",
+                    help="GPTQ damping, a fraction of mean(diag H) (default 0.1)")
+    qz.add_argument("--quant-shrinks", type=float, nargs="+", default=[1.0, 0.95, 0.9, 0.85, 0.8], metavar="S",
                     help="block scale candidates as fractions of ggml's max-based scale, the one with the lowest "
-                         "diag(H)-weighted rounding error kept per block (default 1.0 = ggml's rule)")
+                         "diag(H)-weighted rounding error kept per block (default 1.0 0.95 0.9 0.85 0.8)")
+    qz.add_argument("--quant-diag-shrink", type=float, default=0.3, metavar="A",
+                    help="run the sweep on (1-A) H + A diag(H), a guard against fitting the calibration tokens "
+                         "(default 0.3, chosen on held-out text; 1 = no error feedback)")
     a = p.add_argument_group("layer-wise allocation (unstructured patterns)")
     a.add_argument("--allocation", default="uniform", choices=["uniform", "owl"],
                    help="owl = each decoder layer's sparsity from its share of outlier activations-times-weights "
@@ -244,4 +247,5 @@ def quantize_config(args: argparse.Namespace) -> Any:
         return None
     from dsnot_deploy.quant.gptq import QuantizeConfig
 
-    return QuantizeConfig(type=args.quantize, damping=args.quant_damping, shrinks=tuple(args.quant_shrinks))
+    return QuantizeConfig(type=args.quantize, damping=args.quant_damping, shrinks=tuple(args.quant_shrinks),
+                          diag_shrink=args.quant_diag_shrink)

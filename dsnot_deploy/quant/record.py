@@ -17,7 +17,8 @@ def quantize_record(config: QuantizeConfig | None, result: DriverResult) -> dict
     n = max(len(reports), 1)
     return {"quantize": {
         "type": config.type,
-        "settings": {"damping": config.damping, "blocksize": config.blocksize, "shrinks": list(config.shrinks)},
+        "settings": {"damping": config.damping, "blocksize": config.blocksize, "shrinks": list(config.shrinks),
+                     "diag_shrink": config.diag_shrink},
         "linears_quantized": len(reports),
         "linears_gptq": sum(q.method == "gptq" for q in reports),
         "mean_relative_error_rtn": sum(q.error_rtn for q in reports) / n,
