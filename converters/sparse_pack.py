@@ -26,9 +26,7 @@ import logging
 import struct
 import time
 import zlib
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -308,35 +306,35 @@ def unpack(src: Path, dst: Path, *, force: bool = False, progress: Progress = Fa
         header = read_header(fin, src, pack_size)
         sha = hashlib.sha256()
         with atomic_file(dst, force) as out, \
-                open_bar(progress, "unpack", header.original_size, unit="B", unit_scale=True) as bar, \
-                ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
+                open_bar(progress, "unpack", header.original_size, unit="B", unit_scale=True) as bar:
             # pipeline: up to DECODE_WORKERS records decode in worker threads while the oldest one is
             # hashed and written here (numpy, zstd, hashlib and file writes release the GIL); at most
             # DECODE_WORKERS + 1 records are in memory at once
-            pending: deque[Future] = deque()
-            for desc, payloads in iter_records(fin, src, pack_size, header):
-                if desc.get("k") == "end":
-                    break
-                pending.append(pool.submit(decode_record, desc, payloads))
-                if len(pending) > DECODE_WORKERS:
-                    _emit(pending.popleft(), out, sha, bar, src)
-            while pending:
-                _emit(pending.popleft(), out, sha, bar, src)
+            records = _records_before_end(fin, src, pack_size, header)
+            try:
+                for buffers in ordered_map(_decode, records, DECODE_WORKERS, max_in_flight=DECODE_WORKERS + 1):
+                    for buf in buffers:
+                        sha.update(buf)
+                        out.write(buf)
+                        bar.update(len(memoryview(buf).cast("B")))
+            except CorruptPack as exc:
+                raise UserInputError(f"{src}: corrupt pack: {exc}") from None
             if sha.hexdigest() != header.sha256:
                 raise UserInputError(f"{src}: corrupt pack: sha256 of the restored file {sha.hexdigest()[:16]}... "
                                      f"differs from the original's {header.sha256[:16]}...")
     return header
 
 
-def _emit(fut: Future, out: BinaryIO, sha: Any, bar: Any, src: Path) -> None:
-    try:
-        buffers = fut.result()
-    except CorruptPack as exc:
-        raise UserInputError(f"{src}: corrupt pack: {exc}") from None
-    for buf in buffers:
-        sha.update(buf)
-        out.write(buf)
-        bar.update(len(memoryview(buf).cast("B")))
+def _records_before_end(fin: BinaryIO, src: Path, pack_size: int,
+                        header: PackHeader) -> Iterator[tuple[dict[str, Any], list[bytes]]]:
+    for desc, payloads in iter_records(fin, src, pack_size, header):
+        if desc.get("k") == "end":
+            return
+        yield desc, payloads
+
+
+def _decode(record: tuple[dict[str, Any], list[bytes]]) -> Any:
+    return decode_record(*record)
 
 
 def read_pack_index(src: Path) -> tuple[PackHeader, list[dict[str, Any]], int]:

@@ -130,6 +130,7 @@ def importance(ckpt: Path, nsamples: int, seqlen: int) -> dict[str, np.ndarray]:
     """GGUF weight name -> mean x^2 per input channel of each decoder Linear, through ``ckpt``'s model."""
     import gguf
 
+    from converters.imatrix import imatrix_from_stats
     from dsnot_deploy.sources.models import find_decoder_layers, load_model
 
     loaded = load_model(str(ckpt), dtype=torch.float32)
@@ -155,20 +156,19 @@ def importance(ckpt: Path, nsamples: int, seqlen: int) -> dict[str, np.ndarray]:
             model(row.unsqueeze(0))
     for h in hooks:
         h.remove()
-    out = {}
-    for key, total in sums.items():
-        name = tmap.get_name(key + ".weight", try_suffixes=(".weight",))
-        if name is not None:
-            out[name] = (total / counts[key]).numpy().astype(np.float32)
-    return out
+    return imatrix_from_stats({key: (total / counts[key]).numpy() for key, total in sums.items()},
+                              lambda name: tmap.get_name(name, try_suffixes=(".weight",)))
 
 
 def export(ckpt: Path, out: Path, qtype: str) -> dict[str, Any]:
-    from converters.gguf_export import ExportConfig, export_gguf
+    """`export --type qtype` (no importance matrix); its size and, from the export report, how many
+    decoder weights came back bit for bit ("on lattice")."""
+    from converters.gguf_export import ExportConfig, export_gguf, report_path
 
     if not out.is_file():
         export_gguf(ckpt, out, ExportConfig(qtype=qtype, progress=False, imatrix="none"))
-    return {"bytes": out.stat().st_size}
+    zeros = json.loads(report_path(out).read_text())["zeros"]
+    return {"bytes": out.stat().st_size, "on_lattice": [zeros["tensors_written_exactly"], zeros["tensors"]]}
 
 
 def llamacpp_imatrix(f16: Path, out: Path, qtype: str, imatrix: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -181,35 +181,6 @@ def llamacpp_imatrix(f16: Path, out: Path, qtype: str, imatrix: dict[str, np.nda
         llamacpp_quantize(f16, tmp, int(getattr(LlamaFileType, f"MOSTLY_{qtype}")), imatrix=imatrix, pure=True)
         tmp.rename(out)
     return {"bytes": out.stat().st_size}
-
-
-def on_lattice(ckpt: Path, gguf_path: Path) -> tuple[int, int]:
-    """Decoder weights of ``gguf_path`` whose dequantized values equal the checkpoint's bit for bit
-    (rows compared as sets where the exporter permuted Q/K rows)."""
-    import gguf
-    from gguf import quants
-    from safetensors.torch import load_file
-
-    source: dict[str, torch.Tensor] = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        source.update(load_file(f))
-    reader = gguf.GGUFReader(gguf_path)
-    n_layers = 1 + max(int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk."))
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    by_gguf = {tmap.get_name(k, try_suffixes=(".weight",)): v for k, v in source.items() if ".layers." in k}
-    exact = total = 0
-    for t in reader.tensors:
-        if not (t.name.startswith("blk.") and len(t.shape) == 2) or t.name not in by_gguf:
-            continue
-        total += 1
-        back = quants.dequantize(t.data, t.tensor_type).reshape(int(t.shape[1]), int(t.shape[0])) + np.float32(0)
-        src = by_gguf[t.name].numpy() + np.float32(0)
-        if ".attn_q." in t.name or ".attn_k." in t.name:  # rows permuted for llama.cpp's rotary layout
-            back, src = np.sort(back.view(np.uint32), axis=0), np.sort(src.view(np.uint32), axis=0)
-            exact += int(np.array_equal(np.sort(back, axis=1), np.sort(src, axis=1)))
-        else:
-            exact += int(np.array_equal(back.view(np.uint32), src.view(np.uint32)))
-    return exact, total
 
 
 def perplexities(path: Path, texts: list[str], ctx: int, chunks: int, tokenizer: Any) -> dict[str, float]:
@@ -308,11 +279,11 @@ def main() -> None:
             row: dict[str, Any] = {"key": key, "model": args.model, "state": state, "type": qtype, "method": method,
                                    "settings": settings}
             if method == "f16":
-                row |= export(ckpt, f16, "F16")
+                row |= {"bytes": export(ckpt, f16, "F16")["bytes"]}
                 path = f16
             elif method == "rtn":
                 path = args.work / f"{ckpt.name}-{qtype}-rtn.gguf"
-                row |= export(ckpt, path, qtype)
+                row |= {"bytes": export(ckpt, path, qtype)["bytes"]}
             elif method == "imatrix":
                 export(ckpt, f16, "F16")
                 if imatrix is None:
@@ -323,7 +294,6 @@ def main() -> None:
                 qckpt, record = gptq_checkpoint(args.work, ckpt, qtype, parse_settings(settings))
                 path = args.work / f"{qckpt.name}.gguf"
                 row |= export(qckpt, path, qtype)
-                row["on_lattice"] = on_lattice(qckpt, path)
                 row["quantize"] = {k: record[k] for k in ("linears_quantized", "linears_gptq",
                                                           "mean_relative_error_rtn", "mean_relative_error",
                                                           "zeros_added", "seconds")}

@@ -29,7 +29,7 @@ from dsnot_deploy.algorithms.sparsegpt import sparsegpt_prune
 from dsnot_deploy.cli import main
 from dsnot_deploy.errors import UserInputError
 from dsnot_deploy.layerwise.refine import CalibrationConfig, RefineJob, refine
-from tests.tiny_models import save_tiny_checkpoint
+from tests.tiny_models import checkpoint_tensors, save_tiny_checkpoint
 
 OWL = AllocationConfig(kind=Allocation.OWL)
 TEXT = " ".join(f"Sentence {i} says hello world; the quick brown fox jumps over the lazy dog." for i in range(300))
@@ -186,12 +186,8 @@ def test_owl_streamed_equals_in_memory_and_the_cli_takes_it(tiny, tmp_path: Path
     assert mem["allocation"] == streamed["allocation"]
     assert mem["allocation"]["spread"] == 0.1
     assert [lin["zeros"] for lin in mem["linears"]] == [lin["zeros"] for lin in streamed["linears"]]
-    from safetensors.torch import load_file
 
-    a = load_file(tmp_path / "mem" / "model.safetensors")
-    b: dict[str, torch.Tensor] = {}
-    for f in sorted((tmp_path / "str").glob("model-*.safetensors")):
-        b.update(load_file(f))
+    a, b = checkpoint_tensors(tmp_path / "mem"), checkpoint_tensors(tmp_path / "str")
     for name, tensor in a.items():
         assert torch.equal(tensor, b[name]), name
     assert main(["refine", str(ckpt), str(tmp_path / "bad"), *common, "--owl-threshold", "0"]) != 0

@@ -28,7 +28,7 @@ from dsnot_deploy.quant.lattice import (
     is_on_lattice,
     parse_lattice,
 )
-from tests.tiny_models import save_tiny_checkpoint
+from tests.tiny_models import checkpoint_tensors, save_tiny_checkpoint
 
 TYPES = sorted(LATTICES)
 TEXT = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog, then sleeps." for i in range(300))
@@ -206,14 +206,10 @@ def test_resume_state_keeps_the_quant_reports() -> None:
 
 
 def test_streamed_quantization_equals_in_memory(tiny, tmp_path: Path) -> None:
-    from safetensors.torch import load_file
 
     prune = PruneConfig(refinement=Refinement.NONE, update=Update.NONE, pattern=SparsityPattern.unstructured(0.5))
     _refine(tiny, tmp_path / "mem", QuantizeConfig(type="Q4_0"), prune)
     _refine(tiny, tmp_path / "str", QuantizeConfig(type="Q4_0"), prune, stream=True)
-    a = load_file(tmp_path / "mem" / "model.safetensors")
-    b: dict[str, torch.Tensor] = {}
-    for f in sorted((tmp_path / "str").glob("model-*.safetensors")):
-        b.update(load_file(f))
+    a, b = checkpoint_tensors(tmp_path / "mem"), checkpoint_tensors(tmp_path / "str")
     for name, tensor in a.items():
         assert torch.equal(tensor, b[name]), name

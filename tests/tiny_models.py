@@ -130,3 +130,13 @@ def save_tiny_checkpoint(
     model.save_pretrained(outdir)
     tokenizer.save_pretrained(outdir)
     return outdir
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved checkpoint, single file or sharded."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("model*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors

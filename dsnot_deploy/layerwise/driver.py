@@ -219,7 +219,6 @@ def process_layer(
     call: LayerCall,
     config: DriverConfig,
     device: torch.device | str,
-    with_hessian: bool,
 ) -> tuple[LayerReport, float]:
     """Calibrate, prune and propagate one decoder layer already on `device`, in place.
 
@@ -233,7 +232,7 @@ def process_layer(
     if prune is not None or quantize is not None:
         per_device = config if device == config.device else _with_device(config, device)
         linears = _linears(layer)
-        stats = _calibrate(layer, linears, hidden, call, per_device, with_hessian)
+        stats = _calibrate(layer, linears, hidden, call, per_device, config.with_hessian)
         for name, mod in linears.items():
             if name not in stats:  # a Linear the forward never called stays dense
                 log.warning("layer %d: %s was not called during calibration; left dense", index, name)
@@ -304,7 +303,6 @@ def run_layers(
 
     hidden, calls = capture_layer_inputs(model, layers, samples, config.batch_size, device, store,
                                          move_layers=not config.layers_in_place, allocate=allocate)
-    with_hessian = config.with_hessian
     reports: list[LayerReport] = []
     mask_seconds = 0.0
     out = allocate(tuple(hidden.shape), hidden.dtype)
@@ -330,7 +328,7 @@ def run_layers(
             propagate_restored(layer, hidden, out, call, config, layer_device)
             seconds = sum(lin.mask_seconds for lin in report.linears)
         else:
-            report, seconds = process_layer(i, layer, hidden, out, call, config, str(layer_device), with_hessian)
+            report, seconds = process_layer(i, layer, hidden, out, call, config, str(layer_device))
             if state is not None:
                 state.save(i, layer_tensors(layer), report)
         mask_seconds += seconds

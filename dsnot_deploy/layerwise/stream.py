@@ -299,7 +299,6 @@ def stream_layers(
     with _lazy_non_layer_weights(skeleton, plan, checkpoint, device):
         hidden, calls = capture_layer_inputs(skeleton, layers, samples, config.batch_size, device, store,
                                              pass_through=True, allocate=allocate)
-    with_hessian = config.with_hessian
     out = allocate(tuple(hidden.shape), hidden.dtype)
     reports: list[LayerReport] = []
     mask_seconds = 0.0
@@ -327,7 +326,7 @@ def stream_layers(
             propagate_restored(layer, hidden, out, call, config, device)
             seconds = sum(lin.mask_seconds for lin in report.linears)
         else:
-            report, seconds = process_layer(i, layer, hidden, out, call, config, str(device), with_hessian)
+            report, seconds = process_layer(i, layer, hidden, out, call, config, str(device))
             if state is not None:
                 state.save(i, layer_tensors(layer), report)
         mask_seconds += seconds
