@@ -16,6 +16,7 @@ from dsnot_deploy.algorithms.allocation import (
     owl_sparsities,
 )
 from dsnot_deploy.algorithms.config import (
+    OWL_FROM_SPARSITY,
     Allocation,
     AllocationConfig,
     Method,
@@ -32,6 +33,7 @@ from dsnot_deploy.layerwise.refine import CalibrationConfig, RefineJob, refine
 from tests.tiny_models import checkpoint_tensors, save_tiny_checkpoint
 
 OWL = AllocationConfig(kind=Allocation.OWL)
+UNIFORM = AllocationConfig(kind=Allocation.UNIFORM)
 TEXT = " ".join(f"Sentence {i} says hello world; the quick brown fox jumps over the lazy dog." for i in range(300))
 
 
@@ -107,7 +109,19 @@ def test_allocation_config_and_nm_patterns() -> None:
         AllocationConfig(kind=Allocation.OWL, spread=0.6)
     assert PruneConfig(allocation=OWL).allocates
     assert not PruneConfig(allocation=OWL, pattern=SparsityPattern.nm(2, 4)).allocates
-    assert not PruneConfig().allocates
+    assert not PruneConfig(allocation=UNIFORM, pattern=SparsityPattern.unstructured(0.8)).allocates
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.6, 0.7, 0.8])
+def test_auto_allocation_is_owl_from_the_measured_sparsity(sparsity: float) -> None:
+    auto = AllocationConfig()  # the default
+    assert auto.kind is Allocation.AUTO
+    pattern = SparsityPattern.unstructured(sparsity)
+    expected = Allocation.OWL if sparsity >= OWL_FROM_SPARSITY else Allocation.UNIFORM
+    assert auto.resolved(pattern) is expected
+    assert PruneConfig(pattern=pattern).allocates is (expected is Allocation.OWL)
+    assert auto.resolved(SparsityPattern.nm(2, 4)) is Allocation.UNIFORM
+    assert OWL.resolved(pattern) is Allocation.OWL and UNIFORM.resolved(pattern) is Allocation.UNIFORM
 
 
 def test_mask_counts_are_exact() -> None:
@@ -151,7 +165,7 @@ def _refine(tiny: tuple[Path, Path], out: Path, **prune_kw) -> dict:
 def test_owl_keeps_the_model_count_and_varies_layers(tiny, tmp_path: Path, method: Method,
                                                      refinement: Refinement) -> None:
     uniform = _refine(tiny, tmp_path / "u", method=method, refinement=refinement,
-                      pattern=SparsityPattern.unstructured(0.6))
+                      pattern=SparsityPattern.unstructured(0.6), allocation=UNIFORM)
     owl = _refine(tiny, tmp_path / "o", method=method, refinement=refinement,
                   pattern=SparsityPattern.unstructured(0.6), allocation=OWL)
     per_row_uniform = sum(lin["rows"] * math.floor(lin["cols"] * 0.6) for lin in uniform["linears"])
@@ -214,3 +228,15 @@ def test_pipeline_name_lists_the_steps_that_ran() -> None:
                           "allocation": {"kind": "owl"}}) == "wanda+exact+admm+owl"
     assert pipeline_name({"method": "sparsegpt", "refinement": "none", "update": "none",
                           "allocation": {"kind": "uniform"}}) == "sparsegpt+none"
+
+
+def test_auto_allocation_in_the_refine_job(tiny, tmp_path: Path) -> None:
+    below = _refine(tiny, tmp_path / "b", method=Method.WANDA, refinement=Refinement.NONE,
+                    pattern=SparsityPattern.unstructured(round(OWL_FROM_SPARSITY - 0.1, 2)))
+    assert below["allocation"]["kind"] == "uniform" and below["allocation"]["requested"] == "auto"
+    assert "auto allocation is OWL from" in below["allocation"]["reason"]
+    above = _refine(tiny, tmp_path / "a", method=Method.WANDA, refinement=Refinement.NONE,
+                    pattern=SparsityPattern.unstructured(OWL_FROM_SPARSITY))
+    assert above["allocation"]["kind"] == "owl" and above["allocation"]["requested"] == "auto"
+    layers = [layer["sparsity"] for layer in above["sparsity"]["per_layer"]]
+    assert max(layers) - min(layers) > 0.05

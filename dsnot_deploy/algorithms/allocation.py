@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from dsnot_deploy.algorithms.config import AllocationConfig, SparsityPattern
+from dsnot_deploy.algorithms.config import Allocation, AllocationConfig, SparsityPattern
 from dsnot_deploy.algorithms.masks import prune_count
 
 
@@ -89,8 +89,10 @@ class LayerAllocation:
 
     def record(self) -> dict[str, Any]:
         """The manifest's ``allocation`` entry."""
+        requested = {"requested": self.config.kind.value} if self.config.kind is not Allocation.OWL else {}
         return {
-            "kind": self.config.kind.value,
+            "kind": Allocation.OWL.value,
+            **requested,
             "outlier_threshold": self.config.outlier_threshold,
             "spread": self.config.spread,
             "target_sparsity": self.target,

@@ -40,6 +40,12 @@ class Allocation(str, Enum):
 
     UNIFORM = "uniform"  # every layer at the target
     OWL = "owl"  # outlier-weighted layer-wise sparsity (Yin et al. 2024)
+    AUTO = "auto"  # the measured choice per pattern: OWL from OWL_FROM_SPARSITY up, else uniform
+
+
+# `--allocation auto` switches to OWL at this unstructured sparsity and above: the pipeline grid
+# (docs/bench_pipeline.md, chosen on WikiText-2 validation) found OWL worse at 50% and better at 70%.
+OWL_FROM_SPARSITY = 0.7
 
 
 class VarianceKind(str, Enum):
@@ -174,9 +180,17 @@ class AllocationConfig:
     """Layer-wise allocation; OWL's outlier threshold M and spread lambda default to the paper's
     LLaMA values (M = 5, lambda = 0.08). N:M patterns are per-group rules and always uniform."""
 
-    kind: Allocation = Allocation.UNIFORM
+    kind: Allocation = Allocation.AUTO
     outlier_threshold: float = 5.0
     spread: float = 0.08
+
+    def resolved(self, pattern: SparsityPattern) -> Allocation:
+        """The rule that applies to ``pattern``: AUTO becomes OWL or UNIFORM; N:M is always UNIFORM."""
+        if pattern.is_nm:
+            return Allocation.UNIFORM
+        if self.kind is Allocation.AUTO:
+            return Allocation.OWL if pattern.sparsity >= OWL_FROM_SPARSITY - 1e-9 else Allocation.UNIFORM
+        return self.kind
 
     def __post_init__(self) -> None:
         if not self.outlier_threshold > 0 or not 0 <= self.spread < 0.5:
@@ -215,7 +229,7 @@ class PruneConfig:
     @property
     def allocates(self) -> bool:
         """True when layers get their own sparsity (a non-uniform rule on an unstructured pattern)."""
-        return self.allocation.kind is not Allocation.UNIFORM and not self.pattern.is_nm
+        return self.allocation.resolved(self.pattern) is not Allocation.UNIFORM
 
     @property
     def needs_hessian(self) -> bool:

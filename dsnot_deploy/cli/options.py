@@ -21,6 +21,8 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_refine_options(p: argparse.ArgumentParser) -> None:
+    from dsnot_deploy.algorithms.config import OWL_FROM_SPARSITY  # torch-free
+
     g = p.add_argument_group("pruning")
     g.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
                    help="initial mask (default wanda)")
@@ -77,10 +79,12 @@ def add_refine_options(p: argparse.ArgumentParser) -> None:
                     help="run the sweep on (1-A) H + A diag(H), a guard against fitting the calibration tokens "
                          "(default 0.3, chosen on held-out text; 1 = no error feedback)")
     a = p.add_argument_group("layer-wise allocation (unstructured patterns)")
-    a.add_argument("--allocation", default="uniform", choices=["uniform", "owl"],
+    a.add_argument("--allocation", default="auto", choices=["auto", "uniform", "owl"],
                    help="owl = each decoder layer's sparsity from its share of outlier activations-times-weights "
                         "(OWL; measured on the dense model, one extra pass), the model's pruned-weight count "
-                        "unchanged; uniform = every layer at the target (default). N:M stays uniform")
+                        "unchanged; uniform = every layer at the target; auto = owl from "
+                        f"{OWL_FROM_SPARSITY:g} sparsity up, uniform below, as measured (default). N:M stays "
+                        "uniform")
     a.add_argument("--owl-threshold", type=float, default=5.0, metavar="M",
                    help="OWL: a score is an outlier above M x its layer's mean score (default 5, the paper's)")
     a.add_argument("--owl-spread", type=float, default=0.08, metavar="LAMBDA",

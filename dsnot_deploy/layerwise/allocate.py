@@ -53,7 +53,7 @@ def _wanted(config: DriverConfig) -> bool:
     prune = config.prune
     if prune is None:
         return False
-    if prune.allocation.kind is not Allocation.UNIFORM and prune.pattern.is_nm:
+    if prune.allocation.kind is Allocation.OWL and prune.pattern.is_nm:
         log.warning("allocation %s does not apply to N:M patterns (every group of M prunes N); every layer "
                     "stays at %s", prune.allocation.kind.value, prune.pattern.describe())
     return prune.allocates
@@ -63,7 +63,8 @@ def _finish(observer: OutlierObserver, config: DriverConfig) -> LayerAllocation:
     prune = config.prune
     assert prune is not None
     result = allocate(observer.ratios, observer.shapes, prune.pattern.sparsity, prune.allocation)
-    log.info("%s allocation: layer sparsity %.3f..%.3f (outlier ratios %.4f..%.4f)", prune.allocation.kind.value,
+    log.info("%s allocation: layer sparsity %.3f..%.3f (outlier ratios %.4f..%.4f)",
+             prune.allocation.resolved(prune.pattern).value,
              min(result.layer_sparsity), max(result.layer_sparsity), min(result.outlier_ratios),
              max(result.outlier_ratios))
     return result

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from dsnot_deploy.algorithms.allocation import LayerAllocation
-from dsnot_deploy.algorithms.config import Allocation, PruneConfig
+from dsnot_deploy.algorithms.config import OWL_FROM_SPARSITY, Allocation, PruneConfig
 from dsnot_deploy.algorithms.masks import check_shape
 from dsnot_deploy.atomic import remove_stale_temporaries
 from dsnot_deploy.errors import UserInputError
@@ -298,7 +298,9 @@ def allocation_record(prune: PruneConfig, allocation: LayerAllocation | None) ->
     record: dict[str, Any] = {"kind": Allocation.UNIFORM.value}
     if prune.allocation.kind is not Allocation.UNIFORM:
         record["requested"] = prune.allocation.kind.value
-        record["reason"] = "N:M patterns prune every group alike"
+        record["reason"] = ("N:M patterns prune every group alike" if prune.pattern.is_nm else
+                            f"auto allocation is OWL from {OWL_FROM_SPARSITY:g} sparsity up, uniform below "
+                            "(docs/decisions.md)")
     return record
 
 
