@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "dsnot_deploy.cli.validate",
     "dsnot_deploy.cli.refine_and_export",
     "dsnot_deploy.cli.pack",
+    "dsnot_deploy.cli.frontier",
 )
 
 

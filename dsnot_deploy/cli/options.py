@@ -195,7 +195,7 @@ def device_map_arg(text: str | None) -> Any:
     return value
 
 
-def add_eval_options(p: argparse.ArgumentParser, reduced_note: bool = False) -> None:
+def add_eval_options(p: argparse.ArgumentParser, reduced_note: bool = False, comparison: bool = True) -> None:
     g = p.add_argument_group("evaluation (llama.cpp)")
     g.add_argument("--text", default=None,
                    help="evaluation text: wikitext2, c4, a .txt/.raw/.jsonl/.json.gz file, or pydoc (default)")
@@ -211,6 +211,8 @@ def add_eval_options(p: argparse.ArgumentParser, reduced_note: bool = False) -> 
     g.add_argument("--gpu-layers", type=int, default=0, metavar="N",
                    help="layers llama.cpp offloads to a GPU: 0 = CPU (default), -1 = all; needs a llama.cpp "
                         "build with GPU offload (an error otherwise)")
+    if not comparison:  # one model scored alone (frontier): no dense cache, no gate
+        return
     g.add_argument("--cache-dir", type=Path, default=None,
                    help="where dense models exported to GGUF are cached (default $XDG_CACHE_HOME/dsnot-deploy/gguf)")
     gate = p.add_argument_group("gate (exit 1 when one fails)")
