@@ -102,6 +102,7 @@ def plot_png(doc: dict[str, Any]) -> bytes:
         Figure,  # a bare Figure never touches pyplot's global state
     )
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
 
     rows = doc["rows"]
     sparsities = list(dict.fromkeys(r["sparsity"] for r in rows if r["sparsity"] is not None))
@@ -123,6 +124,8 @@ def plot_png(doc: dict[str, Any]) -> bytes:
             for i in idx:
                 ax.annotate(rows[i]["label"], (xs[i], ys[i]), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_yscale("log")
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(FuncFormatter(lambda v, _: f"{v:.2f}"))
         ax.set_xlabel(f"{words} size (MiB)")
         ax.set_ylabel(f"perplexity / dense {REFERENCE_TYPE}")
         ax.set_title(f"{words} size vs llama.cpp perplexity (front: filled, dashed)", fontsize=9)
