@@ -161,16 +161,27 @@ class ArchSpec:
     def name(self) -> str:
         return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
 
-    def transform(self, hf_name: str, array: np.ndarray, cfg: dict[str, Any]) -> np.ndarray:
-        """Apply the row's tensor rewrites (permutation, Gemma's norm offset) to one tensor."""
+    def row_order(self, hf_name: str, rows: int, cfg: dict[str, Any]) -> np.ndarray | None:
+        """The source row of every written row when the tensor's rows are permuted (Q/K), else None."""
         if self.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            return _permute_rows(array, int(cfg["num_attention_heads"]))
+            return _permute_rows(np.arange(rows), int(cfg["num_attention_heads"]))
         if self.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             n_kv = int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
-            return _permute_rows(array, n_kv)
-        if self.norm_plus_one and hf_name.endswith("norm.weight"):
-            return array + np.float32(1.0)
-        return array
+            return _permute_rows(np.arange(rows), n_kv)
+        return None
+
+    def rewrites_values(self, hf_name: str) -> bool:
+        """Whether `rewrite_values` changes this tensor's values (Gemma's norms)."""
+        return self.norm_plus_one and hf_name.endswith("norm.weight")
+
+    def rewrite_values(self, hf_name: str, array: np.ndarray) -> np.ndarray:
+        """The element-wise rewrite (Gemma's norm offset) of a tensor, or of any rows of it."""
+        return array + np.float32(1.0) if self.rewrites_values(hf_name) else array
+
+    def transform(self, hf_name: str, array: np.ndarray, cfg: dict[str, Any]) -> np.ndarray:
+        """Apply the row's tensor rewrites (permutation, Gemma's norm offset) to one whole tensor."""
+        order = self.row_order(hf_name, array.shape[0], cfg) if array.ndim else None
+        return self.rewrite_values(hf_name, array if order is None else array[order])
 
     def write_hparams(self, w: gguf.GGUFWriter, cfg: dict[str, Any]) -> None:
         write_common_hparams(w, cfg)

@@ -1,10 +1,10 @@
 """Export a Hugging Face checkpoint (dense, or sparse from `refine`) to a GGUF that llama.cpp runs.
 
 Flow: index the checkpoint -> plan every tensor (GGUF name, type, byte size) -> write header,
-metadata and tensor infos -> stream the tensors one at a time (load from the memory-mapped
-safetensors, rewrite, quantize, write, free) -> for llama.cpp-only types, run llama.cpp's quantizer
-on that intermediate file -> read the result back and count the pruned zeros that survived -> rename
-into place and write ``OUT.export.json``.  Nothing appears under the final name until it is
+metadata and tensor infos -> stream the tensors a few rows at a time (read, rewrite, quantize, count
+zeros, write, free: ``gguf_stream``) -> for llama.cpp-only types, run llama.cpp's quantizer on that
+intermediate file -> check the file read back (tensor table, bytes, or llama.cpp's output against
+the checkpoint) -> rename into place and write ``OUT.export.json``.  Nothing appears under the final name until it is
 complete; temporaries live next to it and are removed on any failure.
 
 Every tensor's type is planned first (``gguf_types.plan_weight``: F16 or zero-keeping fallbacks where rows
@@ -20,6 +20,7 @@ import platform
 import re
 import resource
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,21 @@ from dsnot_deploy.progress import Progress, open_bar
 
 from . import gguf_types
 from .gguf_arch import ArchSpec, find_arch, llama3_rope_factors, needs_rope_freqs
-from .gguf_info import tensor_type_counts, tensor_types_by_name
 from .gguf_metadata import (
     NAMING_WRITERS,
     manifest_summary,
     naming_keys,
     write_dsnot_metadata,
+)
+from .gguf_read import GGUFLayout, read_gguf_layout
+from .gguf_stream import (
+    TensorSource,
+    Written,
+    check_layout,
+    check_written_bytes,
+    encode,
+    stream_tensors,
+    verify_file,
 )
 from .gguf_tokenizer import (
     build_vocab,
@@ -56,7 +66,7 @@ from .gguf_tokenizer import (
     write_vocab,
 )
 from .gguf_types import OutputType, parse_output_type, zero_keeping_names
-from .gguf_zeros import count_zeros, summarize
+from .gguf_zeros import summarize
 from .hf_source import HFCheckpoint, open_checkpoint
 from .imatrix import imatrix_from_stats, read_imatrix_file
 from .llamacpp_quantize import llamacpp_quantize
@@ -84,6 +94,8 @@ class ExportConfig:
     # general.* naming keys (name, basename, finetune, organization, size_label, license, version) of the
     # model source, used when the checkpoint's refine manifest records none (see _naming)
     naming: tuple[tuple[str, str], ...] | None = None
+    # read the written tensors back and count the pruned zeros that survived (cost: report seconds.verify)
+    verify: bool = True
 
     def __post_init__(self) -> None:
         try:
@@ -185,16 +197,9 @@ def _natural_key(name: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def _source_values(ckpt: HFCheckpoint, spec: ArchSpec, t: PlannedTensor) -> np.ndarray:
-    if t.hf_name is None:
-        return llama3_rope_factors(ckpt.text_config)
-    return spec.transform(t.hf_name, ckpt.load(t.hf_name), ckpt.text_config)
-
-
 def _encode(values: np.ndarray, qtype: Q) -> np.ndarray:
-    """Values -> the bytes ggml stores for them (gguf-py's quantizers, byte-identical to ggml's)."""
-    data = gguf.quants.quantize(np.ascontiguousarray(values, dtype=np.float32), qtype)
-    return np.ascontiguousarray(data).view(np.uint8)
+    """Values -> the bytes ggml stores for them (gguf_stream.encode; a seam for failure tests)."""
+    return encode(values, qtype)
 
 
 def _is_sparse(ckpt: HFCheckpoint, spec: ArchSpec) -> bool:
@@ -212,8 +217,8 @@ def _is_sparse(ckpt: HFCheckpoint, spec: ArchSpec) -> bool:
 
 def _write_gguf(
     path: Path, ckpt: HFCheckpoint, spec: ArchSpec, plan: _Plan, vocab: Any, pre: str | None, ftype: int,
-    progress: Progress, naming: dict[str, str],
-) -> None:
+    progress: Progress, naming: dict[str, str], verify: bool,
+) -> list[Written]:
     w = gguf.GGUFWriter(path, spec.name)
     try:
         for key, value in naming.items():
@@ -231,16 +236,13 @@ def _write_gguf(
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         with open_bar(progress, "writing tensors", len(plan.tensors), unit="tensor") as bar:
-            for t in plan.tensors:
-                data = _encode(_source_values(ckpt, spec, t), t.qtype)
-                if data.nbytes != t.nbytes:
-                    raise AssertionError(f"{t.gguf_name}: planned {t.nbytes} bytes, encoded {data.nbytes}")
-                w.write_tensor_data(data)
-                bar.update(1)
+            written = stream_tensors(w, ckpt, spec, plan.tensors, verify, lambda: bar.update(1),
+                                     encoder=lambda values, qtype: _encode(values, qtype))
         w.fout[0].flush()
         os.fsync(w.fout[0].fileno())
     finally:
         w.close()
+    return written
 
 
 def _load_imatrix(config: ExportConfig, ckpt: HFCheckpoint, spec: ArchSpec) -> tuple[dict[str, np.ndarray], str]:
@@ -257,10 +259,15 @@ def _load_imatrix(config: ExportConfig, ckpt: HFCheckpoint, spec: ArchSpec) -> t
     return data, str(path)
 
 
-def _pruned_names(reader: gguf.GGUFReader) -> list[str]:
-    """The decoder-layer weight matrices: where pruned zeros live."""
-    return [t.name for t in reader.tensors
-            if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2]
+def _verify(final: Path, ckpt: HFCheckpoint, spec: ArchSpec, plan: _Plan, layout: GGUFLayout,
+            written: list[Written], via_llamacpp: bool) -> list[Any]:
+    """Zero counts of the decoder weights as the file holds them (see gguf_stream)."""
+    if via_llamacpp:  # llama.cpp wrote the file: read it back and compare with the checkpoint
+        sources = {t.gguf_name: TensorSource(ckpt, spec, t) for t in plan.tensors if t.pruned}
+        return verify_file(final, layout, sources)
+    check_layout(final, plan.tensors)
+    check_written_bytes(final, layout, written)
+    return [w.zeros for w in written if w.zeros is not None]
 
 
 def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = ExportConfig()) -> dict[str, Any]:
@@ -287,12 +294,14 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
     plan = plan_tensors(ckpt, spec, weight_type, otype)
     for line in gguf_types.summarize_fallbacks(plan.choices().values()):
         logger.warning("%s: %s", otype.name, line)
+    times = {"prepare": time.perf_counter() - start}
     tokenizer = load_hf_tokenizer(ckpt.root)
     vocab = build_vocab(ckpt.root, int(cfg["vocab_size"]), tokenizer)
     pre = config.tokenizer_pre
     if pre is None and vocab.model == "gpt2":
         pre = detect_pre(vocab, tokenizer, lambda w: spec.write_hparams(w, cfg), spec.name)
     imatrix, imatrix_source = _load_imatrix(config, ckpt, spec) if otype.via_llamacpp else ({}, "not used")
+    times["tokenizer"] = time.perf_counter() - start - sum(times.values())
 
     first = temporary_path(out, "f" if otype.via_llamacpp else "w")
     final = temporary_path(out, "q") if otype.via_llamacpp else first
@@ -300,7 +309,9 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
         # the file type of what is streamed: the final type, or the float carrier llama.cpp quantizes from
         ftype = _CARRIER_FTYPES.get(weight_type, otype.ftype) if otype.via_llamacpp else otype.ftype
         naming = naming_keys(ckpt, config.naming, _param_count(plan))
-        _write_gguf(first, ckpt, spec, plan, vocab, pre, ftype, config.progress, naming)
+        streamed = _write_gguf(first, ckpt, spec, plan, vocab, pre, ftype, config.progress, naming,
+                               config.verify and not otype.via_llamacpp)
+        times["write"] = time.perf_counter() - start - sum(times.values())
         native: dict[str, gguf_types.TensorTypeChoice] = {}
         if otype.via_llamacpp:
             overrides = gguf_types.exact_overrides(plan.choices()) if otype.planned else otype.overrides
@@ -308,21 +319,17 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
                 first, final, int(otype.ftype), imatrix=imatrix or None, overrides=overrides, pure=otype.pure,
                 nthread=config.threads)}
             first.unlink()
-        written = time.perf_counter()
-        planned = plan.by_name()
-
-        def source(name: str) -> np.ndarray:
-            return _source_values(ckpt, spec, planned[name])
-
-        reader = gguf.GGUFReader(final)
-        zeros = count_zeros(reader, _pruned_names(reader), source)
+            times["llamacpp_quantize"] = time.perf_counter() - start - sum(times.values())
+        layout = read_gguf_layout(final)  # the header and tensor table only
+        written_types = {ti.name: ti.type_name for ti in layout.tensors}
+        tensor_types = dict(sorted(Counter(written_types.values()).items()))
+        zeros = _verify(final, ckpt, spec, plan, layout, streamed, otype.via_llamacpp) if config.verify else []
         _log_lattice(zeros)
-        tensor_types = tensor_type_counts(reader)
-        written_types = tensor_types_by_name(reader)
-        del reader  # drop the mapping before the file is renamed
+        times["verify"] = time.perf_counter() - start - sum(times.values())
         file_bytes, n_params = final.stat().st_size, _param_count(plan)
         probes = usable_probes(tokenizer)
         mismatches = tokenization_mismatches(final, tokenizer, probes)
+        times["tokenizer_check"] = time.perf_counter() - start - sum(times.values())
         report = {
             "tool": {"name": "dsnot-deploy", "version": __version__},
             "versions": _versions(),
@@ -346,9 +353,9 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
             "file_bytes": file_bytes,
             "parameters": n_params,
             "bits_per_weight": 8 * file_bytes / max(n_params, 1),
-            "zeros": summarize(zeros),
+            "zeros": summarize(zeros) if config.verify else None,  # None: --no-verify
             "zeros_per_tensor": [z.as_dict() for z in zeros],
-            "seconds": {"write": written - start, "total": time.perf_counter() - start},
+            "seconds": {**times, "total": time.perf_counter() - start},
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
         if mismatches:

@@ -34,6 +34,55 @@ class ZeroCount:
         return {**asdict(self), "kept_fraction": self.kept_fraction}
 
 
+def same_values(written: np.ndarray, src: np.ndarray) -> bool:
+    """Every written value equals its source bit for bit, zeros' signs aside (NaNs compared by bits)."""
+    if np.array_equal(written, src):  # equal as floats: equal bits once zeros' signs are ignored
+        return True
+    return bool(np.isnan(src).any()) and np.array_equal(
+        (np.asarray(written, dtype=np.float32) + np.float32(0)).view(np.uint32),
+        (np.asarray(src, dtype=np.float32) + np.float32(0)).view(np.uint32))
+
+
+class ZeroTally:
+    """A ZeroCount built from a tensor's rows, chunk by chunk (the export streams; memory stays one chunk)."""
+
+    def __init__(self, name: str, type_name: str) -> None:
+        self.name, self.type = name, type_name
+        self.size = self.zeros_source = self.zeros_kept = self.zeros_added = 0
+        self.exact = True
+
+    def add(self, src: np.ndarray, written: np.ndarray) -> None:
+        """``src``: checkpoint values (float32, after the export's rewrites); ``written``: the same positions
+        as stored in the file, dequantized to float32."""
+        src, written = src.reshape(-1), written.reshape(-1)
+        if src.size != written.size:
+            raise ValueError(f"{self.name}: {written.size} values written, {src.size} in the checkpoint")
+        self.add_masks(src == 0, written == 0, lambda: same_values(written, src))
+
+    def add_masks(self, was_zero: np.ndarray, is_zero: np.ndarray, exact: Callable[[], bool]) -> None:
+        """Zero masks of the checkpoint's values and of the written ones (same positions); ``exact()``
+        says whether every written value equals its source (called only while no chunk has differed)."""
+        if was_zero.size != is_zero.size:
+            raise ValueError(f"{self.name}: {is_zero.size} values written, {was_zero.size} in the checkpoint")
+        kept = int(np.count_nonzero(was_zero & is_zero))
+        self.size += int(was_zero.size)
+        self.zeros_source += int(np.count_nonzero(was_zero))
+        self.zeros_kept += kept
+        self.zeros_added += int(np.count_nonzero(is_zero)) - kept
+        if self.exact:
+            self.exact = exact()
+
+    def add_identical(self, size: int, zeros: int) -> None:
+        """``size`` values written exactly as stored (a float tensor in its own width), ``zeros`` of them zero."""
+        self.size += size
+        self.zeros_source += zeros
+        self.zeros_kept += zeros
+
+    def result(self) -> ZeroCount:
+        return ZeroCount(name=self.name, type=self.type, size=self.size, zeros_source=self.zeros_source,
+                         zeros_kept=self.zeros_kept, zeros_added=self.zeros_added, exact=self.exact)
+
+
 def count_zeros(
     reader: Any,
     names: Iterable[str],
@@ -51,23 +100,9 @@ def count_zeros(
     counts = []
     for name in names:
         t = by_name[name]
-        written = gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1)
-        src = source(name).reshape(-1)
-        if src.size != written.size:
-            raise ValueError(f"{name}: {written.size} values written, {src.size} in the checkpoint")
-        was_zero = src == 0
-        is_zero = written == 0
-        same = np.array_equal((np.asarray(written, dtype=np.float32) + np.float32(0)).view(np.uint32),
-                              (np.asarray(src, dtype=np.float32) + np.float32(0)).view(np.uint32))
-        counts.append(ZeroCount(
-            name=name,
-            type=t.tensor_type.name,
-            size=int(src.size),
-            zeros_source=int(was_zero.sum()),
-            zeros_kept=int((was_zero & is_zero).sum()),
-            zeros_added=int((~was_zero & is_zero).sum()),
-            exact=same,
-        ))
+        tally = ZeroTally(name, t.tensor_type.name)
+        tally.add(source(name), gguf.quants.dequantize(t.data, t.tensor_type))
+        counts.append(tally.result())
     return counts
 
 

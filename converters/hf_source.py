@@ -1,4 +1,4 @@
-"""Read a Hugging Face checkpoint directory tensor by tensor (memory-mapped safetensors).
+"""Read a Hugging Face checkpoint directory tensor by tensor, or a few rows at a time (safetensors).
 
 Only files on disk are read: ``config.json``, ``model.safetensors`` or a sharded
 ``model.safetensors.index.json``, the tokenizer files, and - when the checkpoint comes from
@@ -32,6 +32,19 @@ class TensorRef:
     file: Path
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype string: F32, F16, BF16, ...
+    offset: int = -1  # absolute byte offset of the data in ``file`` (-1: unknown, read through safetensors)
+
+    @property
+    def rows(self) -> int:
+        """Length of the first axis (1 for a scalar): the unit `HFCheckpoint.read_rows` slices."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        n = 1
+        for d in self.shape[1:]:
+            n *= d
+        return n
 
 
 @dataclass(frozen=True)
@@ -66,13 +79,40 @@ class HFCheckpoint:
             raise UserInputError(f"{path} is not valid JSON: {exc}") from None
 
     def load(self, name: str) -> np.ndarray:
-        """One tensor as float32 numpy (bf16/f16 converted exactly), read from the mapped file."""
-        from safetensors import safe_open
-
+        """One tensor as float32 numpy (bf16/f16 converted exactly)."""
         ref = self.tensors[name]
-        with safe_open(ref.file, framework="pt") as fh:
-            tensor = fh.get_tensor(name)
-        return tensor.float().numpy()
+        if ref.offset < 0 or ref.dtype not in _RAW_DTYPES:
+            from safetensors import safe_open
+
+            with safe_open(ref.file, framework="pt") as fh:
+                tensor = fh.get_tensor(name)
+            return tensor.float().numpy()
+        return self.read_rows(name, 0, ref.rows).reshape(ref.shape)
+
+    def read_raw_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a F32/F16/BF16 tensor as stored (BF16 as uint16), shape (rows, row_numel).
+
+        Read with plain file reads into a fresh buffer, not a memory map: the pages go to the OS cache,
+        not to this process's resident set, so reading a whole model costs one chunk of memory.
+        """
+        ref = self.tensors[name]
+        dtype = _RAW_DTYPES[ref.dtype]
+        n_rows, width = stop - start, ref.row_numel
+        out = np.empty((n_rows, width), dtype=dtype)
+        with open(ref.file, "rb", buffering=0) as fh:
+            fh.seek(ref.offset + start * width * dtype.itemsize)
+            view = memoryview(out).cast("B")
+            got = 0
+            while got < out.nbytes:
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise UserInputError(f"{ref.file} is truncated while reading {name}")
+                got += n
+        return out
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a F32/F16/BF16 tensor as float32 (exact), shape (rows, row_numel)."""
+        return to_float32(self.read_raw_rows(name, start, stop), self.tensors[name].dtype)
 
     def load_stats(self) -> dict[str, np.ndarray]:
         """Per-Linear mean squared input (Wanda's sqnorm / n_tokens), keyed by module name."""
@@ -84,8 +124,22 @@ class HFCheckpoint:
         return {k: v.astype(np.float32) for k, v in load_file(path).items()}
 
 
-def _read_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file, checked against the file size."""
+_RAW_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+
+
+def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values (BF16 as uint16 bits) -> float32, exactly (torch's conversion, as safetensors loading had)."""
+    import torch
+
+    if dtype == "BF16":
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float().numpy()
+    if dtype == "F16":
+        return torch.from_numpy(raw).float().numpy()
+    return raw.astype(np.float32, copy=False)
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file, checked against the file size, and where the data starts."""
     size = path.stat().st_size
     with path.open("rb") as fh:
         raw = fh.read(8)
@@ -105,7 +159,14 @@ def _read_header(path: Path) -> dict[str, Any]:
         begin, end = info.get("data_offsets", (0, -1))
         if not 0 <= begin <= end <= data_size:
             raise UserInputError(f"{path} is truncated: tensor {key} ends at byte {end} of {data_size}")
-    return header
+    return header, 8 + n
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def open_checkpoint(root: str | Path) -> HFCheckpoint:
@@ -138,9 +199,13 @@ def open_checkpoint(root: str | Path) -> HFCheckpoint:
     for path in paths:
         if not path.is_file():
             raise UserInputError(f"{path} is listed in the index but missing")
-        for name, info in _read_header(path).items():
+        header, data_start = _read_header(path)
+        for name, info in header.items():
             if name == "__metadata__":
                 continue
-            tensors[name] = TensorRef(name, path, tuple(int(d) for d in info["shape"]), str(info["dtype"]))
+            shape, dtype = tuple(int(d) for d in info["shape"]), str(info["dtype"])
+            begin, end = info.get("data_offsets", (0, 0))
+            sized = dtype in _RAW_DTYPES and end - begin == _RAW_DTYPES[dtype].itemsize * _numel(shape)
+            tensors[name] = TensorRef(name, path, shape, dtype, data_start + begin if sized else -1)
     logger.debug("checkpoint %s: %d tensors in %d files", root, len(tensors), len(paths))
     return HFCheckpoint(root=root, config=config, tensors=tensors)

@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
                    help="allow types that do not keep pruned zeros exactly (Q4_K_M, Q4_1, ...) for a sparse checkpoint")
     p.add_argument("--tokenizer-pre", default=None,
                    help="llama.cpp pre-tokenizer name (default: detected by comparing llama.cpp with the HF tokenizer)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip reading the written tensors back (pruned zeros kept, on-lattice counts, bytes on "
+                        "disk); the report's seconds.verify is what it costs, zeros is then null")
     p.add_argument("--threads", type=int, default=0, help="threads for llama.cpp's quantizer (default: all cores)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     add_logging_options(p)
@@ -74,7 +77,7 @@ def run_export(args: argparse.Namespace) -> int:
     source = resolve_model_source(args.checkpoint)
     config = ExportConfig(qtype=args.qtype, imatrix=args.imatrix, allow_zero_loss=args.allow_zero_loss,
                           force=args.force, progress=progress_for(args), tokenizer_pre=args.tokenizer_pre,
-                          threads=args.threads, naming=tuple(naming_of(source).items()))
+                          threads=args.threads, verify=args.verify, naming=tuple(naming_of(source).items()))
     if source.kind == "local-dir":
         report = export_gguf(source.location, out, config)
     else:  # an alias, a GGUF or a Hub id: a temporary checkpoint beside OUT (pid-named, cleaned if killed)
@@ -88,8 +91,10 @@ def run_export(args: argparse.Namespace) -> int:
     types = ", ".join(f"{k} x{v}" for k, v in sorted(report["tensor_types"].items()))
     print(f"wrote {args.out}: {report['type']} ({types}), {report['file_bytes'] / 2**20:.1f} MiB, "
           f"{report['bits_per_weight']:.2f} bits/weight, {report['seconds']['total']:.1f} s")
-    print(f"pruned zeros kept: {z['zeros_kept']} of {z['zeros_in_checkpoint']} ({100 * z['kept_fraction']:.2f}%), "
-          f"{z['zeros_added_by_quantization']} new zeros from quantization; tokenizer {report['tokenizer']['model']}"
+    zeros = ("pruned zeros not verified (--no-verify)" if z is None else
+             f"pruned zeros kept: {z['zeros_kept']} of {z['zeros_in_checkpoint']} ({100 * z['kept_fraction']:.2f}%), "
+             f"{z['zeros_added_by_quantization']} new zeros from quantization")
+    print(f"{zeros}; tokenizer {report['tokenizer']['model']}"
           f"/{report['tokenizer']['pre']}, {report['tokenizer']['probe_mismatches']} of "
           f"{report['tokenizer']['probe_texts']} probe texts differ from HF; report {report_path(Path(args.out))}")
     return EXIT_OK
