@@ -6,8 +6,8 @@ and Llama-3-8B, with random heavy-tailed weights and a random calibration batch 
 shared low-rank component, so Wanda scores and H are not degenerate). Each step is the product's own
 function: statistics (`stats.accumulate`, X^T X), Wanda (`masks.wanda_mask`), SparseGPT
 (`sparsegpt.sparsegpt_prune`), DSnoT (`dsnot.dsnot_refine` on the Wanda mask), exact
-(`exact.exact_refine` on H shrunk 0.3 toward its diagonal, the default), ADMM
-(`reconstruct.admm_reconstruct` of the exact mask), GPTQ Q4_0 (`quant.gptq.quantize_weight` of the
+(`exact.exact_refine` on H shrunk 0.3 toward its diagonal, the default), ADMM (`reconstruct.reconstruct`
+of the exact mask with the default solver: ADMM below 2048 columns, conjugate gradients from there), GPTQ Q4_0 (`quant.gptq.quantize_weight` of the
 reconstructed weights). The default pipeline is wanda + exact + admm.
 
 Bounded runs: a Linear of rows x cols is measured on a subset of its rows when rows*cols > --full-size
@@ -41,12 +41,12 @@ from scipy.optimize import nnls
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsnot_deploy.algorithms.config import DSnoTConfig, PruneConfig, SparseGPTConfig  # noqa: E402
+from dsnot_deploy.algorithms.config import DSnoTConfig, PruneConfig, Solver, SparseGPTConfig  # noqa: E402
 from dsnot_deploy.algorithms.dsnot import dsnot_refine  # noqa: E402
 from dsnot_deploy.algorithms.exact import exact_refine  # noqa: E402
 from dsnot_deploy.algorithms.masks import wanda_mask  # noqa: E402
 from dsnot_deploy.algorithms.pruner import shrink_toward_diagonal  # noqa: E402
-from dsnot_deploy.algorithms.reconstruct import admm_reconstruct  # noqa: E402
+from dsnot_deploy.algorithms.reconstruct import reconstruct, solver_for  # noqa: E402
 from dsnot_deploy.algorithms.sparsegpt import sparsegpt_prune  # noqa: E402
 from dsnot_deploy.algorithms.stats import ChannelStats, accumulate  # noqa: E402
 from dsnot_deploy.quant.gptq import QuantizeConfig, quantize_weight  # noqa: E402
@@ -164,7 +164,7 @@ def measure_shape(w: torch.Tensor, stats: ChannelStats, hessian: torch.Tensor, s
         out["exact"]["swaps_mean"] = float(res.swaps.float().mean())
         mask, sparse = res.mask, res.weight
     if "admm" in steps:
-        sparse = timed("admm", lambda: admm_reconstruct(w, sparse, mask, hessian, cfg.reconstruct).float())
+        sparse = timed("admm", lambda: reconstruct(w, sparse, mask, hessian, cfg.reconstruct).float())
     if "gptq" in steps:
         timed("gptq", lambda: quantize_weight(sparse, hessian, QuantizeConfig()))
     return {s: v for s, v in out.items() if s in steps}
@@ -191,6 +191,21 @@ def fit(points: list[dict], kind: str) -> dict:
     rel = a @ coef / t - 1.0
     return {"kind": kind, "terms": TERMS[kind], "coef": coef.tolist(), "rel_rms": float(np.sqrt(np.mean(rel ** 2))),
             "rel_max": float(np.abs(rel).max()), "points": len(points)}
+
+
+def model_key(step: str, cols: int) -> str:
+    """The cost model of a step at `cols` columns: the reconstruction's default solver depends on the width
+    (ADMM below ReconstructConfig.cg_from_cols, conjugate gradients from there), so it has one model per solver."""
+    if step == "admm" and solver_for(cols, PruneConfig().reconstruct) is Solver.CG:
+        return "admm (cg)"
+    return step
+
+
+def split_by_solver(step: str, points: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for p in points:
+        groups.setdefault(model_key(step, p["cols"]), []).append(p)
+    return groups
 
 
 def predict(model: dict, rows: int, cols: int, tokens: int = 0) -> float:
@@ -222,6 +237,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--devices", nargs="+", default=["cpu", "cuda"], help="cuda is skipped when unavailable")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--cache", type=Path, help="JSONL of measured shapes, reused by a rerun with the same settings")
+    p.add_argument("--remeasure", nargs="+", default=[], choices=STEPS,
+                   help="steps measured again on shapes found in --cache (after a change of their code); the "
+                        "cached numbers of the other steps are kept")
+    p.add_argument("--remeasure-widths", nargs="+", choices=sorted(WIDTHS),
+                   help="widths --remeasure applies to (default: all)")
     p.add_argument("--note", default="", help="a line for the Markdown (e.g. other jobs on the machine)")
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     p.add_argument("--name", default="bench_scale")
@@ -237,6 +257,7 @@ def run_device(args: argparse.Namespace, device: torch.device, cache: dict) -> d
     gen = torch.Generator().manual_seed(0)
     v_width, v_lin = args.verify.split(":")
     stats_pts, shape_pts = [], []
+    remeasured: set[str] = set()
     for width in args.widths:
         lins = linears(width)
         by_cols: dict[int, tuple] = {}
@@ -262,10 +283,20 @@ def run_device(args: argparse.Namespace, device: torch.device, cache: dict) -> d
                 row_counts.add(max(32, rows // 2))  # several row counts per cols: the fit's per-row terms
             for r in sorted(row_counts):
                 key = json.dumps(["shape", device.type, width, r, cols, args.tokens, args.threads, sorted(args.steps)])
-                if key not in cache:
+                again = ([s for s in args.remeasure if s in args.steps] if key in cache and key not in remeasured
+                         and width in (args.remeasure_widths or [width]) else [])
+                if key not in cache or again:
                     stats, hessian = by_cols[cols]
                     w = weights(r, cols, gen).to(device)
-                    cache[key] = measure_shape(w, stats, hessian, args.steps, device)
+                    if again:  # the remeasured steps with the steps that make their inputs; the rest stays cached
+                        remeasured.add(key)  # once a run (k/v and the gate/up subset can share a key)
+                        inputs = {"admm": ["exact"], "gptq": ["exact", "admm"]}
+                        need = sorted({*again, *(i for s in again for i in inputs.get(s, []) if i in args.steps)})
+                        cache[key] = {**cache[key], **{s: v for s, v in
+                                                       measure_shape(w, stats, hessian, need, device).items()
+                                                       if s in again}}
+                    else:
+                        cache[key] = measure_shape(w, stats, hessian, args.steps, device)
                     del w
                     if args.cache:
                         with args.cache.open("a") as fh:
@@ -286,8 +317,9 @@ def summarise(args: argparse.Namespace, stats_pts: list[dict], shape_pts: list[d
     unique = {(p["width"], p["rows"], p["cols"]): p for p in shape_pts}.values()  # k/v and gate/up subsets coincide
     for step in args.steps:
         pts = [{"rows": p["rows"], "cols": p["cols"], **p["steps"][step]} for p in unique]
-        models[step] = fit(pts, "time")
-        mem_models[step] = fit([{**p, "seconds": max(p["peak_mb"], 1.0)} for p in pts], "memory")
+        for key, group in split_by_solver(step, pts).items():  # one cost model per algorithm
+            models[key] = fit(group, "time")
+            mem_models[key] = fit([{**p, "seconds": max(p["peak_mb"], 1.0)} for p in group], "memory")
     widths = {}
     for width in args.widths:
         lins, n_layers = linears(width), WIDTHS[width][5]
@@ -301,14 +333,15 @@ def summarise(args: argparse.Namespace, stats_pts: list[dict], shape_pts: list[d
             per_lin[name] = {}
             for step in args.steps:
                 meas = sub["steps"][step]
-                t_ext = meas["seconds"] + slope(models[step], cols) * (rows - sub["rows"])
-                mem_ext = meas["peak_mb"] + slope(mem_models[step], cols) * (rows - sub["rows"])
+                key = model_key(step, cols)
+                t_ext = meas["seconds"] + slope(models[key], cols) * (rows - sub["rows"])
+                mem_ext = meas["peak_mb"] + slope(mem_models[key], cols) * (rows - sub["rows"])
                 per_lin[name][step] = {"rows_measured": full[0]["rows"] if full else sub["rows"],
                                        "rows_subset": sub["rows"], "seconds_subset": meas["seconds"],
                                        "seconds": full[0]["steps"][step]["seconds"] if full else t_ext,
                                        "seconds_from_subset": t_ext, "extrapolated": not full,
                                        "peak_mb_measured": meas["peak_mb"], "peak_mb": mem_ext,
-                                       "model_seconds": predict(models[step], rows, cols)}
+                                       "model_seconds": predict(models[key], rows, cols)}
         layer = {s: sum(per_lin[n][s]["seconds"] for n in lins) for s in args.steps}
         layer_model = {s: sum(per_lin[n][s]["model_seconds"] for n in lins) for s in args.steps}
         peak = {s: max(per_lin[n][s]["peak_mb"] for n in lins) for s in args.steps}

@@ -12,6 +12,7 @@ from dsnot_deploy.algorithms.config import (
     PruneConfig,
     ReconstructConfig,
     Refinement,
+    Solver,
     SparsityPattern,
     Update,
 )
@@ -19,9 +20,12 @@ from dsnot_deploy.algorithms.masks import wanda_mask
 from dsnot_deploy.algorithms.pruner import select_weights
 from dsnot_deploy.algorithms.reconstruct import (
     admm_reconstruct,
+    cg_reconstruct,
     damped_hessian,
     least_squares_reconstruct,
     output_error,
+    reconstruct,
+    solver_for,
 )
 from dsnot_deploy.algorithms.stats import ChannelStats, accumulate
 from dsnot_deploy.cli import main
@@ -91,12 +95,70 @@ def test_a_worse_result_is_refused_and_the_start_is_kept() -> None:
     assert torch.equal(got, optimum)
 
 
+@pytest.mark.parametrize("pattern", PATTERNS, ids=lambda p: p.describe())
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cg_converges_to_the_per_row_least_squares_solution(pattern: SparsityPattern, seed: int) -> None:
+    """Conjugate gradients stop on their tolerance at the exact minimiser, even from a wide spread of H."""
+    dense, hessian = _problem(seed, spread=3.0)
+    mask = _mask(dense, hessian, pattern)
+    exact = least_squares_reconstruct(dense, mask, hessian, damping=0.01)
+    info: dict = {}
+    got = cg_reconstruct(dense, dense * mask, mask, hessian,
+                         ReconstructConfig(solver=Solver.CG, cg_iterations=500, cg_tol=1e-15, damping=0.01), info)
+    assert (got - exact).abs().max() < 1e-5
+    assert info["steps"] < 500 and not info["kept_start"]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=lambda p: p.describe())
+@pytest.mark.parametrize("seed", range(4))
+def test_cg_default_lowers_the_error_keeps_zeros_and_the_mask(pattern: SparsityPattern, seed: int) -> None:
+    dense, hessian = _problem(seed, rows=16, cols=32, dtype=torch.float32)
+    mask = _mask(dense, hessian, pattern)
+    start = dense * mask
+    got = cg_reconstruct(dense, start, mask, hessian)
+    assert output_error(dense, got, hessian) < output_error(dense, start, hessian)
+    assert torch.equal((got != 0), mask)
+    # the default's early stop: close to the exact minimiser of the default (damping 0.1) objective
+    hd = damped_hessian(hessian.double(), ReconstructConfig().damping)
+    exact = least_squares_reconstruct(dense.double(), mask, hessian.double(), damping=ReconstructConfig().damping)
+    assert output_error(dense.double(), got.double(), hd) <= output_error(dense.double(), exact, hd) * (1 + 1e-3)
+
+
+def test_cg_keeps_a_better_start() -> None:
+    dense, hessian = _problem(5, spread=1.0)
+    mask = _mask(dense, hessian, PATTERNS[0])
+    optimum = least_squares_reconstruct(dense, mask, hessian, damping=0.0)
+    # damping 1.0 pulls toward the dense weights: the damped optimum has a higher undamped error
+    info: dict = {}
+    got = cg_reconstruct(dense, optimum, mask, hessian, ReconstructConfig(solver=Solver.CG, damping=1.0), info)
+    assert info["kept_start"] and torch.equal(got, optimum)
+
+
+def test_auto_solver_is_admm_below_the_width_threshold_and_cg_from_it() -> None:
+    cfg = ReconstructConfig()
+    assert cfg.solver is Solver.AUTO
+    assert solver_for(cfg.cg_from_cols - 1, cfg) is Solver.ADMM and solver_for(cfg.cg_from_cols, cfg) is Solver.CG
+    assert solver_for(8, ReconstructConfig(solver=Solver.CG)) is Solver.CG
+    assert solver_for(10 ** 6, ReconstructConfig(solver=Solver.ADMM)) is Solver.ADMM
+    dense, hessian = _problem(2, rows=8, cols=32, dtype=torch.float32)
+    mask = _mask(dense, hessian, PATTERNS[0])
+    start = dense * mask
+    assert torch.equal(reconstruct(dense, start, mask, hessian), admm_reconstruct(dense, start, mask, hessian))
+    narrow = ReconstructConfig(cg_from_cols=32)
+    assert torch.equal(reconstruct(dense, start, mask, hessian, narrow), cg_reconstruct(dense, start, mask, hessian))
+
+
 def test_bad_config_and_shapes_are_user_errors() -> None:
     with pytest.raises(UserInputError):
         ReconstructConfig(iterations=0)
+    for bad in ({"cg_iterations": 0}, {"cg_tol": -1.0}, {"cg_from_cols": 0}, {"solver": "cg"}):
+        with pytest.raises(UserInputError):
+            ReconstructConfig(**bad)
     dense, hessian = _problem(0)
     with pytest.raises(UserInputError, match="expected"):
         admm_reconstruct(dense, dense, torch.ones(3, 3, dtype=torch.bool), hessian)
+    with pytest.raises(UserInputError, match="expected"):
+        cg_reconstruct(dense, dense, torch.ones(3, 3, dtype=torch.bool), hessian)
 
 
 @pytest.mark.parametrize("refinement", [Refinement.NONE, Refinement.EXACT])

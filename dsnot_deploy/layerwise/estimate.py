@@ -18,7 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsnot_deploy.algorithms.config import Method, PruneConfig, Refinement, Update
+from dsnot_deploy.algorithms.config import (
+    Method,
+    PruneConfig,
+    Refinement,
+    Solver,
+    Update,
+)
+from dsnot_deploy.algorithms.reconstruct import solver_for
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 F32 = 4
@@ -187,9 +194,12 @@ def estimate(shape: ModelShape, run: RunShape, prune: PruneConfig | None, rates:
     if prune is not None and prune.refinement is not Refinement.NONE:
         seconds[f"{prune.refinement.value} refinement"] = (
             shape.n_layers * shape.linear_params * rates.mask_seconds_per_unit)
-    if prune is not None and prune.update is Update.ADMM:  # an eigendecomposition and 2 products per step
-        steps = prune.reconstruct.iterations * prune.reconstruct.rounds
-        admm = sum(10 * c ** 3 + steps * 4 * r * c * c for _, r, c in shape.linears)
+    if prune is not None and prune.update is Update.ADMM:
+        # ADMM: an eigendecomposition and 2 products per step; CG (wide Linears under the auto solver):
+        # at most cg_iterations + 1 products and no factorisation
+        rc = prune.reconstruct
+        admm = sum(rc.rounds * 2 * r * c * c * (rc.cg_iterations + 1) if solver_for(c, rc) is Solver.CG else
+                   10 * c ** 3 + rc.iterations * rc.rounds * 4 * r * c * c for _, r, c in shape.linears)
         seconds["reconstruction (ADMM)"] = shape.n_layers * admm / rates.matmul_flops
     if run.stream:
         seconds["reading/writing shards (not estimated: disk speed)"] = 0.0
