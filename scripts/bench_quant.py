@@ -11,6 +11,10 @@ For each model *state* (``dense``, or a sparsity refined with the default pipeli
 - ``gptq``: the state's checkpoint quantized onto T's lattice by ``dsnot_deploy.quant`` (a
   quantization-only pass, each layer calibrated on the quantized prefix), then `export --type T`; the
   row records how many tensors ggml wrote with no second rounding ("on lattice").
+- ``rtn+e8``, ``imatrix+e8``, ``gptq+e8``: the same files with the tied token embedding (every other
+  tensor unchanged) at Q8_0 instead of T, written by llama.cpp's quantizer from an F32 GGUF (its
+  reference quantizer without an importance matrix reproduces lattice values, so ``gptq+e8``'s decoder
+  weights are ``gptq``'s); the difference to the plain row is the embedding's share of the loss.
 
 Perplexity: llama.cpp protocol (BOS first, second half of each chunk scored), ``--ctx`` tokens per
 chunk, on every ``--texts`` entry; each relative to the same state in F16.  Settings are chosen on
@@ -168,7 +172,8 @@ def export(ckpt: Path, out: Path, qtype: str) -> dict[str, Any]:
     if not out.is_file():
         export_gguf(ckpt, out, ExportConfig(qtype=qtype, progress=False, imatrix="none"))
     zeros = json.loads(report_path(out).read_text())["zeros"]
-    return {"bytes": out.stat().st_size, "on_lattice": [zeros["tensors_written_exactly"], zeros["tensors"]]}
+    exact = zeros.get("tensors_written_exactly")
+    return {"bytes": out.stat().st_size, **({"on_lattice": [exact, zeros["tensors"]]} if exact is not None else {})}
 
 
 def llamacpp_imatrix(f16: Path, out: Path, qtype: str, imatrix: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -180,6 +185,25 @@ def llamacpp_imatrix(f16: Path, out: Path, qtype: str, imatrix: dict[str, np.nda
         tmp = out.with_suffix(".tmp.gguf")
         llamacpp_quantize(f16, tmp, int(getattr(LlamaFileType, f"MOSTLY_{qtype}")), imatrix=imatrix, pure=True)
         tmp.rename(out)
+    return {"bytes": out.stat().st_size}
+
+
+def embedding_at_q8(src_ckpt: Path, out: Path, qtype: str, imatrix: dict[str, np.ndarray] | None) -> dict[str, Any]:
+    """``src_ckpt`` as an F32 GGUF, then llama.cpp's quantizer: every tensor ``qtype`` (pure) but the
+    token embedding (and an untied output) at Q8_0; ``imatrix`` only for the imatrix arm."""
+    from gguf import GGMLQuantizationType, LlamaFileType
+
+    from converters.llamacpp_quantize import llamacpp_quantize
+
+    if not out.is_file():
+        f32 = out.with_suffix(".f32.gguf")
+        export(src_ckpt, f32, "F32")
+        tmp = out.with_suffix(".tmp.gguf")
+        keep = ((r"^token_embd\.weight$", GGMLQuantizationType.Q8_0), (r"^output\.weight$", GGMLQuantizationType.Q8_0))
+        llamacpp_quantize(f32, tmp, int(getattr(LlamaFileType, f"MOSTLY_{qtype}")), imatrix=imatrix, pure=True,
+                          overrides=keep)
+        tmp.rename(out)
+        f32.unlink()
     return {"bytes": out.stat().st_size}
 
 
@@ -232,7 +256,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--states", nargs="+", default=["dense", "0.3", "0.5", "2:4"])
     p.add_argument("--types", nargs="+", default=["Q8_0", "Q5_0", "Q4_0"], choices=sorted(LATTICES))
-    p.add_argument("--methods", nargs="+", default=["rtn", "imatrix", "gptq"], choices=["rtn", "imatrix", "gptq"])
+    p.add_argument("--methods", nargs="+", default=["rtn", "imatrix", "gptq"], choices=["rtn", "imatrix", "gptq", "rtn+e8", "imatrix+e8", "gptq+e8"])
     p.add_argument("--gptq-settings", nargs="+", default=["d0.1,s0.8,a0.3"],
                    help="each: d<damping>,s<min shrink>,n<N>x<L> (see parse_settings)")
     p.add_argument("--refine-calib", default="16x512", help="calibration of the sparse states' refine")
@@ -266,9 +290,9 @@ def main() -> None:
         jobs: list[tuple[str, str, str]] = [("F16", "f16", "")]
         for qtype in args.types:
             for method in args.methods:
-                for s in (args.gptq_settings if method == "gptq" else [""]):
-                    jobs.append((qtype, method, s if method == "gptq" else
-                                 (f"n{args.imatrix_calib}" if method == "imatrix" else "")))
+                for s in (args.gptq_settings if method.startswith("gptq") else [""]):
+                    jobs.append((qtype, method, s if method.startswith("gptq") else
+                                 (f"n{args.imatrix_calib}" if method.startswith("imatrix") else "")))
         imatrix: dict[str, np.ndarray] | None = None
         for qtype, method, settings in jobs:
             key = "|".join([args.model, state, args.refine_calib, qtype, method, settings, str(args.ctx),
@@ -290,6 +314,15 @@ def main() -> None:
                     imatrix = importance(ckpt, *im_calib)
                 path = args.work / f"{ckpt.name}-{qtype}-imatrix-{settings}.gguf"
                 row |= llamacpp_imatrix(f16, path, qtype, imatrix)
+            elif method in ("rtn+e8", "imatrix+e8"):
+                if method == "imatrix+e8" and imatrix is None:
+                    imatrix = importance(ckpt, *im_calib)
+                path = args.work / f"{ckpt.name}-{qtype}-{method.replace('+', '-')}-{settings}.gguf"
+                row |= embedding_at_q8(ckpt, path, qtype, imatrix if method == "imatrix+e8" else None)
+            elif method == "gptq+e8":
+                qckpt, _ = gptq_checkpoint(args.work, ckpt, qtype, parse_settings(settings))
+                path = args.work / f"{qckpt.name}-e8.gguf"
+                row |= embedding_at_q8(qckpt, path, qtype, None)
             else:
                 qckpt, record = gptq_checkpoint(args.work, ckpt, qtype, parse_settings(settings))
                 path = args.work / f"{qckpt.name}.gguf"

@@ -56,7 +56,13 @@ def add_refine_options(p: argparse.ArgumentParser) -> None:
                    help="admm = reconstruct the kept weights to minimise the calibration output error on the "
                         "final mask (ADMM, exact zeros kept; never worse than the weights it starts from; "
                         "default, measured in docs/decisions.md); none = keep them")
+    u.add_argument("--reconstruct-solver", default="auto", choices=["auto", "admm", "cg"],
+                   help="how --update admm solves the reconstruction: admm (one eigendecomposition of H per "
+                        "Linear, --admm-iterations steps), cg (conjugate gradients on the kept weights, one "
+                        "product per step, no factorisation), auto = admm below 2048 input columns, cg from there "
+                        "(default; as good on held-out error and ~4x cheaper at 8B widths, docs/bench_scale.md)")
     u.add_argument("--admm-iterations", type=int, default=40, help="ADMM steps per Linear (default 40)")
+    u.add_argument("--cg-iterations", type=int, default=20, help="CG steps per Linear at most (default 20)")
     u.add_argument("--rounds", type=int, default=1,
                    help="with --refine exact --update admm: rounds of mask search and reconstruction, each search "
                         "after the first judged against the reconstructed weights (default 1)")
@@ -151,6 +157,7 @@ def prune_config(args: argparse.Namespace) -> Any:
         PruneConfig,
         ReconstructConfig,
         Refinement,
+        Solver,
         SparsityPattern,
         Update,
         VarianceKind,
@@ -175,7 +182,8 @@ def prune_config(args: argparse.Namespace) -> Any:
         exact=ExactConfig(max_swaps=args.exact_max_swaps, top_k=args.exact_top_k, shrink=args.exact_shrink),
         skip_refine_groups=tuple(args.skip_refine),
         update=Update(args.update),
-        reconstruct=ReconstructConfig(iterations=args.admm_iterations, rounds=args.rounds),
+        reconstruct=ReconstructConfig(iterations=args.admm_iterations, rounds=args.rounds,
+                                      solver=Solver(args.reconstruct_solver), cg_iterations=args.cg_iterations),
         allocation=AllocationConfig(kind=Allocation(args.allocation), outlier_threshold=args.owl_threshold,
                                     spread=args.owl_spread),
     )
