@@ -96,12 +96,18 @@ class ExportConfig:
     naming: tuple[tuple[str, str], ...] | None = None
     # read the written tensors back and count the pruned zeros that survived (cost: report seconds.verify)
     verify: bool = True
+    # the type of the token embedding and of an untied output head (None: the file's type), e.g. Q8_0 in a
+    # Q4_0 file, as llama-quantize's --token-embedding-type / --output-tensor-type
+    embedding_type: str | None = None
 
     def __post_init__(self) -> None:
         try:
             parse_output_type(self.qtype)
         except KeyError as exc:
             raise UserInputError(str(exc.args[0])) from None
+        if self.embedding_type is not None and self.embedding_type not in gguf_types.EMBEDDING_TYPES:
+            raise UserInputError(f"expected an embedding type among {', '.join(gguf_types.EMBEDDING_TYPES)}; "
+                                 f"found {self.embedding_type!r}")
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,9 @@ class _Plan:
 
     def choices(self) -> dict[str, gguf_types.TensorTypeChoice | None]:
         return {t.gguf_name: t.choice for t in self.tensors}
+
+
+EMBEDDING_NAMES = ("token_embd.weight", "output.weight")
 
 
 def report_path(out: Path) -> Path:
@@ -164,8 +173,28 @@ def _intermediate_type(ckpt: HFCheckpoint) -> Q:
     return Q.F32
 
 
-def plan_tensors(ckpt: HFCheckpoint, spec: ArchSpec, weight_type: Q, otype: OutputType | None = None) -> _Plan:
+def _prequantized(ckpt: HFCheckpoint) -> dict[str, Q]:
+    """HF weight name -> ggml type, for the decoder Linears `refine --quantize` put on a lattice (its
+    manifest record names each as "<layer>.<module path>")."""
+    record = (ckpt.manifest or {}).get("quantize") or {}
+    placed = {r["name"]: Q[r["type"]] for r in record.get("linears", []) if r.get("type") in Q.__members__}
+    out = {}
+    for hf_name in ckpt.tensors:
+        m = re.search(r"layers\.(\d+)\.(.+)\.weight$", hf_name)
+        if m and f"{m.group(1)}.{m.group(2)}" in placed:
+            out[hf_name] = placed[f"{m.group(1)}.{m.group(2)}"]
+    return out
+
+
+def plan_tensors(ckpt: HFCheckpoint, spec: ArchSpec, weight_type: Q, otype: OutputType | None = None,
+                 embedding: Q | None = None) -> _Plan:
+    """Every tensor's name, shape and types; ``embedding``: the type of token_embd / output weights.
+
+    For a type llama.cpp writes from our plan (the presets), a Linear already on the lattice of the type
+    planned for it is streamed in that type: llama.cpp copies a tensor already in its target type, so
+    the values `refine --quantize` chose are written with no second rounding."""
     cfg = ckpt.text_config
+    placed = _prequantized(ckpt) if otype is not None and otype.planned else {}
     n_blocks = int(cfg["num_hidden_layers"])
     to_gguf = _name_mapper(spec, n_blocks)
     tied = _is_tied(ckpt)
@@ -180,7 +209,15 @@ def plan_tensors(ckpt: HFCheckpoint, spec: ArchSpec, weight_type: Q, otype: Outp
                 f"tensor {hf_name} of {ckpt.architecture} has no GGUF name in gguf-py's table for {spec.name}"
             )
         if len(ref.shape) == 2 and name.endswith(".weight"):
-            qtype, choice = gguf_types.plan_weight(otype, weight_type, name, ref.shape[-1])  # ne0: row length
+            if embedding is not None and name in EMBEDDING_NAMES:
+                if otype is not None and otype.via_llamacpp:
+                    qtype, choice = weight_type, gguf_types.TensorTypeChoice(name, embedding.name, embedding.name)
+                else:
+                    qtype, choice = gguf_types.plan_weight(None, embedding, name, ref.shape[-1])
+            else:
+                qtype, choice = gguf_types.plan_weight(otype, weight_type, name, ref.shape[-1])  # ne0: row length
+                if choice is not None and hf_name in placed and placed[hf_name].name == choice.written:
+                    qtype = placed[hf_name]
             plan.tensors.append(PlannedTensor(hf_name, name, ref.shape, qtype, name.startswith("blk."), choice))
         else:
             f32 = gguf_types.TensorTypeChoice(name, "F32", "F32")
@@ -197,9 +234,9 @@ def _natural_key(name: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def _encode(values: np.ndarray, qtype: Q) -> np.ndarray:
+def _encode(values: np.ndarray, qtype: Q, exact: bool = False) -> np.ndarray:
     """Values -> the bytes ggml stores for them (gguf_stream.encode; a seam for failure tests)."""
-    return encode(values, qtype)
+    return encode(values, qtype, exact)
 
 
 def _is_sparse(ckpt: HFCheckpoint, spec: ArchSpec) -> bool:
@@ -235,9 +272,11 @@ def _write_gguf(
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
+        # a checkpoint quantized in refinement may hold blocks at scales ggml would not pick: keep them exact
+        exact = bool((ckpt.manifest or {}).get("quantize"))
         with open_bar(progress, "writing tensors", len(plan.tensors), unit="tensor") as bar:
             written = stream_tensors(w, ckpt, spec, plan.tensors, verify, lambda: bar.update(1),
-                                     encoder=lambda values, qtype: _encode(values, qtype))
+                                     encoder=lambda values, qtype: _encode(values, qtype, exact))
         w.fout[0].flush()
         os.fsync(w.fout[0].fileno())
     finally:
@@ -291,7 +330,8 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
             f"or pass --allow-zero-loss"
         )
     weight_type = otype.direct if otype.direct is not None else _intermediate_type(ckpt)
-    plan = plan_tensors(ckpt, spec, weight_type, otype)
+    embedding = Q[config.embedding_type] if config.embedding_type else None
+    plan = plan_tensors(ckpt, spec, weight_type, otype, embedding)
     for line in gguf_types.summarize_fallbacks(plan.choices().values()):
         logger.warning("%s: %s", otype.name, line)
     times = {"prepare": time.perf_counter() - start}
@@ -315,6 +355,8 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
         native: dict[str, gguf_types.TensorTypeChoice] = {}
         if otype.via_llamacpp:
             overrides = gguf_types.exact_overrides(plan.choices()) if otype.planned else otype.overrides
+            if embedding is not None and not otype.planned:
+                overrides = tuple((f"^{re.escape(n)}$", embedding) for n in EMBEDDING_NAMES) + tuple(overrides)
             native = {f.name: f.as_choice() for f in llamacpp_quantize(
                 first, final, int(otype.ftype), imatrix=imatrix or None, overrides=overrides, pure=otype.pure,
                 nthread=config.threads)}

@@ -29,6 +29,8 @@ from gguf import GGMLQuantizationType as Q
 from dsnot_deploy.errors import DsnotError
 
 from .gguf_arch import ArchSpec, llama3_rope_factors
+from .gguf_lattice import LEVELS as LATTICE_EXACT
+from .gguf_lattice import encode_exact
 from .gguf_read import GGUFLayout, read_gguf_layout
 from .gguf_zeros import ZeroCount, ZeroTally, same_values
 from .hf_source import HFCheckpoint, to_float32
@@ -115,12 +117,13 @@ def _zero_count(raw: np.ndarray) -> int:
     return int(np.count_nonzero((bits & bits.dtype.type(0x7FFFFFFF if raw.dtype.itemsize == 4 else 0x7FFF)) == 0))
 
 
-def encode(values: np.ndarray, qtype: Q) -> np.ndarray:
+def encode(values: np.ndarray, qtype: Q, exact: bool = False) -> np.ndarray:
     """Values -> the bytes ggml stores for them (gguf-py's quantizers, byte-identical to ggml's).
 
     F16 goes through torch's conversion (several times faster than numpy's on sparse data, and the same
     round-to-nearest-even bits for every number); a chunk holding a NaN goes through numpy's, whose NaN
-    payloads are what gguf-py writes.
+    payloads are what gguf-py writes.  With ``exact``, Q4_0 / Q5_0 blocks already on the lattice at another
+    fp16 scale are written exactly (``gguf_lattice``); every other block is gguf-py's.
     """
     values = np.ascontiguousarray(values, dtype=np.float32)
     if qtype == Q.F16:
@@ -128,6 +131,8 @@ def encode(values: np.ndarray, qtype: Q) -> np.ndarray:
 
         if values.size == 0 or not np.isnan(np.max(values)):  # max is NaN iff a value is
             return torch.from_numpy(values).half().numpy().view(np.uint8)
+    if exact and qtype in LATTICE_EXACT:  # on-lattice blocks at scales ggml would not pick: kept as they are
+        return encode_exact(values, qtype)
     data = gguf.quants.quantize(values, qtype)
     return np.ascontiguousarray(data).view(np.uint8)
 

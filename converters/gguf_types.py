@@ -31,6 +31,8 @@ from gguf import LlamaFileType as F
 
 logger = logging.getLogger(__name__)
 
+# types `export --embedding-type` writes for the token embedding / output head (gguf-py encodes them)
+EMBEDDING_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_0")
 ZERO_KEEPING = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.Q3_K, Q.Q6_K, Q.TQ1_0, Q.TQ2_0, Q.MXFP4})
 
 

@@ -1,7 +1,7 @@
 """Quantization onto GGUF lattices (issue 15): round-to-nearest, llama.cpp's imatrix quantizer, and ours.
 
 For each model *state* (``dense``, or a sparsity refined with the default pipeline: ``0.3``, ``0.5``,
-``2:4``) and each type (Q8_0, Q5_0, Q4_0), three files are written and scored in llama.cpp:
+``2:4``) and each type (Q8_0, Q5_0, Q4_0), these files are written and scored in llama.cpp:
 
 - ``rtn``: `export --type T` of the state's checkpoint (ggml's round-to-nearest, gguf-py's reference
   quantizer, no importance matrix): what users get today;
@@ -12,9 +12,15 @@ For each model *state* (``dense``, or a sparsity refined with the default pipeli
   quantization-only pass, each layer calibrated on the quantized prefix), then `export --type T`; the
   row records how many tensors ggml wrote with no second rounding ("on lattice").
 - ``rtn+e8``, ``imatrix+e8``, ``gptq+e8``: the same files with the tied token embedding (every other
-  tensor unchanged) at Q8_0 instead of T, written by llama.cpp's quantizer from an F32 GGUF (its
-  reference quantizer without an importance matrix reproduces lattice values, so ``gptq+e8``'s decoder
-  weights are ``gptq``'s); the difference to the plain row is the embedding's share of the loss.
+  tensor unchanged) at Q8_0 instead of T; the first two written by llama.cpp's quantizer from an F32
+  GGUF, ``gptq+e8`` by `export --type T --embedding-type Q8_0` (which writes on-lattice blocks at any
+  scale exactly, so its decoder weights are ``gptq``'s); the difference to the plain row is the
+  embedding's share of the loss.
+- The sparsity-safe presets (``SPARSE_Q4``, ``SPARSE_Q5``; written by llama.cpp from our per-tensor
+  plan): ``rtn`` = `export --type T` with no importance matrix, ``imatrix`` = with the state's
+  statistics (`export --imatrix`, what a refined checkpoint gets by default), ``gptq`` = the state
+  quantized onto the preset's per-tensor lattices (``quant.targets``), exported with the same
+  statistics for the tensors left to llama.cpp (Q6_K).
 
 Perplexity: llama.cpp protocol (BOS first, second half of each chunk scored), ``--ctx`` tokens per
 chunk, on every ``--texts`` entry; each relative to the same state in F16.  Settings are chosen on
@@ -42,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dsnot_deploy.quant.gptq import QuantizeConfig  # noqa: E402
-from dsnot_deploy.quant.lattice import LATTICES  # noqa: E402
+from dsnot_deploy.quant.targets import PRESETS, TARGETS  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 C4_TRAIN = DATA / "c4" / "en-train" / "c4_sample.jsonl"
@@ -52,12 +58,15 @@ LLAMA_CPP_VERSION = "0.3.36"
 
 
 def parse_settings(text: str) -> dict[str, Any]:
-    """``d0.1,s0.8,a0.3,n16x512``: damping, smallest scale shrink (candidates 1.0 down to it in 0.05
-    steps), the sweep's shrink of H toward its diagonal, calibration windows; missing parts take the
-    defaults (QuantizeConfig's)."""
-    out: dict[str, Any] = {"damping": 0.1, "min_shrink": 0.8, "alpha": 0.3, "nsamples": 16, "seqlen": 512}
+    """``d0.1,s0.8,a0.3,n16x512[,search]``: damping, smallest scale shrink (candidates 1.0 down to it in
+    0.05 steps), the sweep's shrink of H toward its diagonal, calibration windows, and ``search`` for
+    searched free block scales (QuantizeConfig.scales); missing parts take the defaults (QuantizeConfig's)."""
+    out: dict[str, Any] = {"damping": 0.1, "min_shrink": 0.8, "alpha": 0.3, "nsamples": 16, "seqlen": 512,
+                           "scales": "anchor"}
     for part in filter(None, text.split(",")):
-        if part[0] == "d":
+        if part == "search":
+            out["scales"] = "search"
+        elif part[0] == "d":
             out["damping"] = float(part[1:])
         elif part[0] == "s":
             out["min_shrink"] = float(part[1:])
@@ -110,7 +119,7 @@ def gptq_checkpoint(work: Path, ckpt: Path, qtype: str, settings: dict[str, Any]
     from dsnot_deploy.sources.models import find_decoder_layers, load_model
 
     tag = (f"d{settings['damping']}-s{settings['min_shrink']}-a{settings['alpha']}-n{settings['nsamples']}x"
-           f"{settings['seqlen']}")
+           f"{settings['seqlen']}" + ("-search" if settings["scales"] == "search" else ""))
     out = work / f"{ckpt.name}-gptq-{qtype}-{tag}"
     record_file = out / "quantize.json"
     if record_file.is_file():
@@ -118,15 +127,16 @@ def gptq_checkpoint(work: Path, ckpt: Path, qtype: str, settings: dict[str, Any]
     loaded = load_model(str(ckpt), dtype=torch.float32)
     samples = calibration_windows(loaded.tokenizer, settings["nsamples"], settings["seqlen"])
     config = QuantizeConfig(type=qtype, damping=settings["damping"], shrinks=shrinks(settings["min_shrink"]),
-                            diag_shrink=settings["alpha"])
+                            diag_shrink=settings["alpha"], scales=settings["scales"])
     _, layers = find_decoder_layers(loaded.model)
     result = run_layers(loaded.model, layers, samples, DriverConfig(prune=None, quantize=config, progress=False))
     record = quantize_record(config, result)["quantize"]
-    manifest = ckpt / "sparsity.json"
+    source = ckpt / "sparsity.json"
     extra = {"quantize.json": json.dumps({k: v for k, v in record.items() if k != "linears"}).encode()}
+    # the manifest's quantize record is what tells `export` to keep on-lattice blocks at their own scales
+    manifest = (json.loads(source.read_text()) if source.is_file() else {}) | {"quantize": record}
     save_checkpoint(loaded.model, loaded.tokenizer, out, extra_files=extra, force=True,
-                    **({"manifest_name": "sparsity.json", "manifest": manifest.read_bytes()} if manifest.is_file()
-                       else {}))
+                    manifest_name="sparsity.json", manifest=json.dumps(manifest, indent=1).encode())
     return out, record
 
 
@@ -135,12 +145,31 @@ def importance(ckpt: Path, nsamples: int, seqlen: int) -> dict[str, np.ndarray]:
     import gguf
 
     from converters.imatrix import imatrix_from_stats
+
+    stats = importance_stats(ckpt, nsamples, seqlen)
+    n_layers = 1 + max(int(k.split(".layers.")[1].split(".")[0]) for k in stats)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    return imatrix_from_stats(stats, lambda name: tmap.get_name(name, try_suffixes=(".weight",)))
+
+
+def importance_file(work: Path, ckpt: Path, nsamples: int, seqlen: int) -> Path:
+    """The same statistics as `refine`'s calibration_stats.safetensors (HF module name -> mean x^2), for
+    `export --imatrix FILE` of the preset types."""
+    from safetensors.numpy import save_file
+
+    out = work / f"{ckpt.name}-stats-n{nsamples}x{seqlen}.safetensors"
+    if not out.is_file():
+        save_file(importance_stats(ckpt, nsamples, seqlen), out)
+    return out
+
+
+def importance_stats(ckpt: Path, nsamples: int, seqlen: int) -> dict[str, np.ndarray]:
+    """HF module name -> mean x^2 per input channel of each decoder Linear, through ``ckpt``'s model."""
     from dsnot_deploy.sources.models import find_decoder_layers, load_model
 
     loaded = load_model(str(ckpt), dtype=torch.float32)
     model = loaded.model
     path, layers = find_decoder_layers(model)
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, len(layers))
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
@@ -160,20 +189,41 @@ def importance(ckpt: Path, nsamples: int, seqlen: int) -> dict[str, np.ndarray]:
             model(row.unsqueeze(0))
     for h in hooks:
         h.remove()
-    return imatrix_from_stats({key: (total / counts[key]).numpy() for key, total in sums.items()},
-                              lambda name: tmap.get_name(name, try_suffixes=(".weight",)))
+    return {key: (total / counts[key]).numpy().astype(np.float32) for key, total in sums.items()}
 
 
-def export(ckpt: Path, out: Path, qtype: str) -> dict[str, Any]:
-    """`export --type qtype` (no importance matrix); its size and, from the export report, how many
-    decoder weights came back bit for bit ("on lattice")."""
+def export(ckpt: Path, out: Path, qtype: str, embedding: str | None = None, imatrix: str = "none") -> dict[str, Any]:
+    """`export --type qtype [--embedding-type E] [--imatrix FILE]`; its size and, from the export report,
+    how many decoder weights came back bit for bit ("on lattice")."""
     from converters.gguf_export import ExportConfig, export_gguf, report_path
 
     if not out.is_file():
-        export_gguf(ckpt, out, ExportConfig(qtype=qtype, progress=False, imatrix="none"))
+        export_gguf(ckpt, out, ExportConfig(qtype=qtype, progress=False, imatrix=imatrix, embedding_type=embedding))
     zeros = json.loads(report_path(out).read_text())["zeros"]
     exact = zeros.get("tensors_written_exactly")
     return {"bytes": out.stat().st_size, **({"on_lattice": [exact, zeros["tensors"]]} if exact is not None else {})}
+
+
+def preset_arm(args: argparse.Namespace, ckpt: Path, qtype: str, method: str, settings: str,
+               im_calib: tuple[int, ...]) -> dict[str, Any]:
+    """A sparsity-safe preset (llama.cpp writes it from our per-tensor plan): ``rtn`` = `export --type T`
+    without an importance matrix, ``imatrix`` = with the state's statistics (what `export` does for a
+    refined checkpoint), ``gptq`` = the checkpoint quantized onto the preset's per-tensor lattices, then
+    `export --type T` with the same statistics for the tensors left to llama.cpp (Q6_K)."""
+    if method.endswith("+e8"):
+        raise SystemExit(f"{method} does not apply to {qtype} (its embedding is Q8_0 already)")
+    if method == "rtn":
+        path = args.work / f"{ckpt.name}-{qtype}-rtn.gguf"
+        return {"path": str(path), **export(ckpt, path, qtype)}
+    stats = str(importance_file(args.work, ckpt, *im_calib))
+    if method == "imatrix":
+        path = args.work / f"{ckpt.name}-{qtype}-imatrix-{settings}.gguf"
+        return {"path": str(path), **export(ckpt, path, qtype, imatrix=stats)}
+    qckpt, record = gptq_checkpoint(args.work, ckpt, qtype, parse_settings(settings))
+    path = args.work / f"{qckpt.name}.gguf"
+    return {"path": str(path), **export(qckpt, path, qtype, imatrix=stats),
+            "quantize": {k: record[k] for k in ("linears_quantized", "linears_gptq", "mean_relative_error_rtn",
+                                                "mean_relative_error", "zeros_added", "seconds")}}
 
 
 def llamacpp_imatrix(f16: Path, out: Path, qtype: str, imatrix: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -255,7 +305,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--states", nargs="+", default=["dense", "0.3", "0.5", "2:4"])
-    p.add_argument("--types", nargs="+", default=["Q8_0", "Q5_0", "Q4_0"], choices=sorted(LATTICES))
+    p.add_argument("--types", nargs="+", default=["Q8_0", "Q5_0", "Q4_0"], choices=sorted(TARGETS))
     p.add_argument("--methods", nargs="+", default=["rtn", "imatrix", "gptq"], choices=["rtn", "imatrix", "gptq", "rtn+e8", "imatrix+e8", "gptq+e8"])
     p.add_argument("--gptq-settings", nargs="+", default=["d0.1,s0.8,a0.3"],
                    help="each: d<damping>,s<min shrink>,n<N>x<L> (see parse_settings)")
@@ -302,7 +352,10 @@ def main() -> None:
             t0 = time.perf_counter()
             row: dict[str, Any] = {"key": key, "model": args.model, "state": state, "type": qtype, "method": method,
                                    "settings": settings}
-            if method == "f16":
+            if qtype in PRESETS and method != "f16":
+                row |= preset_arm(args, ckpt, qtype, method, settings, im_calib)
+                path = Path(row.pop("path"))
+            elif method == "f16":
                 row |= {"bytes": export(ckpt, f16, "F16")["bytes"]}
                 path = f16
             elif method == "rtn":
@@ -322,7 +375,7 @@ def main() -> None:
             elif method == "gptq+e8":
                 qckpt, _ = gptq_checkpoint(args.work, ckpt, qtype, parse_settings(settings))
                 path = args.work / f"{qckpt.name}-e8.gguf"
-                row |= embedding_at_q8(qckpt, path, qtype, None)
+                row |= export(qckpt, path, qtype, embedding="Q8_0")  # our encoder: searched scales stay exact
             else:
                 qckpt, record = gptq_checkpoint(args.work, ckpt, qtype, parse_settings(settings))
                 path = args.work / f"{qckpt.name}.gguf"

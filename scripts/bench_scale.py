@@ -41,7 +41,12 @@ from scipy.optimize import nnls
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsnot_deploy.algorithms.config import DSnoTConfig, PruneConfig, Solver, SparseGPTConfig  # noqa: E402
+from dsnot_deploy.algorithms.config import (  # noqa: E402
+    DSnoTConfig,
+    PruneConfig,
+    Solver,
+    SparseGPTConfig,
+)
 from dsnot_deploy.algorithms.dsnot import dsnot_refine  # noqa: E402
 from dsnot_deploy.algorithms.exact import exact_refine  # noqa: E402
 from dsnot_deploy.algorithms.masks import wanda_mask  # noqa: E402

@@ -57,10 +57,10 @@ def test_ggml_round_trip_is_idempotent_and_matches_the_level_range(name: str) ->
 
 
 @pytest.mark.parametrize("name", TYPES)
-@pytest.mark.parametrize("shrinks", [(1.0,), (1.0, 0.9, 0.8)])
-def test_sweep_lands_on_the_lattice_keeps_zeros_and_beats_round_to_nearest(name: str, shrinks) -> None:
+@pytest.mark.parametrize("shrinks,scales", [((1.0,), "anchor"), ((1.0, 0.9, 0.8), "anchor"), ((1.0,), "search")])
+def test_sweep_lands_on_the_lattice_keeps_zeros_and_beats_round_to_nearest(name: str, shrinks, scales) -> None:
     w, h, mask = _problem(seed=2)
-    cfg = QuantizeConfig(type=name, shrinks=shrinks)
+    cfg = QuantizeConfig(type=name, shrinks=shrinks, scales=scales)
     q = gptq_sweep(w, h, cfg)
     assert is_on_lattice(q, LATTICES[name])  # ggml's quantizer writes exactly these values
     pruned = ~mask
@@ -78,7 +78,7 @@ def test_the_sweep_on_a_dense_matrix_quantizes_every_weight() -> None:
 
 def test_round_to_nearest_is_kept_when_the_sweep_is_worse(monkeypatch) -> None:
     w, h, _ = _problem(seed=4)
-    monkeypatch.setattr(gptq, "gptq_sweep", lambda weight, hessian, config: torch.zeros_like(weight))
+    monkeypatch.setattr(gptq, "gptq_sweep", lambda weight, hessian, config, lattice=None: torch.zeros_like(weight))
     result = quantize_weight(w, h, QuantizeConfig(type="Q8_0"))
     assert not result.used_sweep and result.error_sweep > result.error_rtn
     assert torch.equal(result.weight, torch.from_numpy(ggml_round_trip(w, LATTICES["Q8_0"])) + 0.0)
@@ -91,6 +91,8 @@ def test_config_and_width_errors() -> None:
         QuantizeConfig(blocksize=48)
     with pytest.raises(UserInputError):
         QuantizeConfig(shrinks=(1.2,))
+    with pytest.raises(UserInputError, match="anchor, search"):
+        QuantizeConfig(scales="free")
     w, h, _ = _problem(cols=40)
     with pytest.raises(UserInputError, match="multiple of 32"):
         gptq_sweep(w, h, QuantizeConfig())
@@ -124,19 +126,22 @@ def _gguf_tensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("name", TYPES)
-def test_quantized_checkpoint_is_written_by_export_with_no_second_rounding(tiny, tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize("name,scales", [(t, "anchor") for t in TYPES] + [("Q4_0", "search"), ("Q5_0", "search")])
+def test_quantized_checkpoint_is_written_by_export_with_no_second_rounding(tiny, tmp_path: Path, name: str,
+                                                                         scales: str) -> None:
     from safetensors.torch import load_file
 
     from converters.gguf_export import ExportConfig, export_gguf
 
-    manifest = _refine(tiny, tmp_path / "q", QuantizeConfig(type=name))
+    manifest = _refine(tiny, tmp_path / "q", QuantizeConfig(type=name, scales=scales))
     record = manifest["quantize"]
     assert record["type"] == name and record["linears_quantized"] == len(manifest["linears"])
     assert record["mean_relative_error"] <= record["mean_relative_error_rtn"]
     weights = {k: v for k, v in load_file(tmp_path / "q" / "model.safetensors").items()
                if ".layers." in k and k.endswith("proj.weight")}
     assert weights and all(is_on_lattice(v, LATTICES[name]) for v in weights.values())
+    if scales == "search":  # searched scales are not ggml's: its own quantizer would round a second time
+        assert not all(np.array_equal(ggml_round_trip(v, LATTICES[name]), v.numpy()) for v in weights.values())
     added = {q["name"]: q["zeros_added"] for q in record["linears"]}
     for lin in manifest["linears"]:  # pruned zeros kept; kept weights at level 0 counted in the record
         layer, sub = lin["name"].split(".", 1)
@@ -185,9 +190,10 @@ def test_cli_quantize_option_and_its_errors(tiny, tmp_path: Path) -> None:
     ckpt, calib = tiny
     common = ["--calib", str(calib), "--nsamples", "4", "--seqlen", "32", "--refine", "none", "--update", "none", "-q"]
     assert main(["refine", str(ckpt), str(tmp_path / "a"), *common, "--pattern", "2:4", "--quantize", "q4_0",
-                 "--quant-shrinks", "1.0", "0.9"]) == 0
+                 "--quant-shrinks", "1.0", "0.9", "--quant-scales", "search"]) == 0
     m = json.loads((tmp_path / "a" / "sparsity.json").read_text())
     assert m["quantize"]["type"] == "Q4_0" and m["quantize"]["settings"]["shrinks"] == [1.0, 0.9]
+    assert m["quantize"]["settings"]["scales"] == "search"
     assert main(["refine", str(ckpt), str(tmp_path / "b"), *common, "--quantize", "Q4_0", "--dtype", "bfloat16"]) != 0
     assert not (tmp_path / "b").exists()
     with pytest.raises(SystemExit) as exc:  # argparse: not one of the choices
@@ -213,3 +219,61 @@ def test_streamed_quantization_equals_in_memory(tiny, tmp_path: Path) -> None:
     a, b = checkpoint_tensors(tmp_path / "mem"), checkpoint_tensors(tmp_path / "str")
     for name, tensor in a.items():
         assert torch.equal(tensor, b[name]), name
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q5_0"])
+def test_searched_scales_are_fp16_and_never_worse_than_ggml_rule(name: str) -> None:
+    from dsnot_deploy.quant.lattice import block_scales, levels, search_scales
+
+    lat = LATTICES[name]
+    g = torch.Generator().manual_seed(7)
+    block = torch.randn(64, 32, generator=g) * torch.rand(64, 1, generator=g)
+    block[0] = 0.0  # an all-zero block (fully pruned) has scale 0
+    weights = torch.rand(32, generator=g) * 5
+    found = search_scales(block, weights, lat)
+    assert found[0] == 0
+    assert torch.equal(found, found.to(torch.float16).to(torch.float32))
+
+    def err(scale: torch.Tensor) -> torch.Tensor:
+        return ((block - levels(block, scale, lat) * scale.unsqueeze(1)) ** 2 * weights).sum(dim=1)
+
+    assert (err(found) <= err(block_scales(block, lat)) + 1e-12).all()
+    assert (err(found) < err(block_scales(block, lat))).float().mean() > 0.5  # the search finds better ones
+
+
+@pytest.mark.parametrize("preset,hidden,intermediate", [("SPARSE_Q4", 64, 128), ("SPARSE_Q5", 256, 512)])
+def test_preset_targets_follow_the_preset_plan_and_export_copies_them(tmp_path: Path, preset: str, hidden: int,
+                                                                      intermediate: int) -> None:
+    """Each Linear on the lattice of the type the preset plans for it; llama.cpp (which writes presets)
+    copies those tensors, so the file holds the checkpoint's values bit for bit; a tensor planned at Q6_K
+    (rows of 256) is left in float for llama.cpp."""
+    from safetensors.torch import load_file
+
+    from converters.gguf_export import ExportConfig, export_gguf
+    from dsnot_deploy.quant.targets import lattice_for
+
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", arch="llama", hidden_size=hidden,
+                                intermediate_size=intermediate, num_attention_heads=hidden // 16)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    manifest = refine(RefineJob(model=str(ckpt), outdir=tmp_path / "q", prune=PruneConfig(),
+                                calibration=CalibrationConfig(str(calib), 4, 32, 0), progress=False,
+                                quantize=QuantizeConfig(type=preset, scales="search")))
+    placed = {q["name"]: q["type"] for q in manifest["quantize"]["linears"]}
+    weights = load_file(tmp_path / "q" / "model.safetensors")
+    expected_float = 0
+    for lin in manifest["linears"]:
+        layer, sub = lin["name"].split(".", 1)
+        w = weights[f"model.layers.{layer}.{sub}.weight"]
+        lat = lattice_for(preset, lin["name"], w.shape[1])
+        if lat is None:
+            assert lin["name"] not in placed  # Q6_K: no lattice here
+            expected_float += 1
+        else:
+            assert placed[lin["name"]] == lat.name and is_on_lattice(w, lat)
+    assert expected_float == (2 * 2 if hidden == 256 else 0)  # attn_v and ffn_down of 2 layers at Q6_K
+    assert set(placed.values()) == ({"Q5_0"} if hidden == 256 else {"Q4_0", "Q8_0"})
+    report = export_gguf(tmp_path / "q", tmp_path / "q.gguf", ExportConfig(qtype=preset, progress=False))
+    zeros = report["zeros"]
+    assert zeros["tensors"] == len(manifest["linears"])
+    assert zeros["tensors_written_exactly"] == len(placed)

@@ -71,11 +71,14 @@ def add_refine_options(p: argparse.ArgumentParser) -> None:
                    help="exact: judge swaps on (1-A) H + A diag(H), a guard against fitting the calibration "
                         "tokens' channel correlations (default 0.3, chosen on held-out text; 0 = plain search)")
     qz = p.add_argument_group("quantization onto a GGUF type's lattice (after the mask and weights are final)")
-    qz.add_argument("--quantize", default=None, metavar="TYPE", type=str.upper, choices=["Q8_0", "Q5_0", "Q4_0"],
+    qz.add_argument("--quantize", default=None, metavar="TYPE", type=str.upper,
+                    choices=["Q8_0", "Q5_0", "Q4_0", "SPARSE_Q4", "SPARSE_Q5"],
                     help="round every decoder Linear onto TYPE's block lattice with GPTQ error feedback through H "
                          "(pruned weights stay exactly 0; kept per Linear only where it beats ggml's "
                          "round-to-nearest on calibration data); `export --type TYPE` then writes these values "
-                         "with no second rounding. Needs --dtype float32")
+                         "with no second rounding. SPARSE_Q4/SPARSE_Q5 follow the preset's per-tensor plan "
+                         "(Q4_0/Q5_0, Q8_0 where its Q6_K falls back; Q6_K tensors stay float for llama.cpp). "
+                         "Needs --dtype float32")
     qz.add_argument("--quant-damping", type=float, default=0.1, metavar="D",
                     help="GPTQ damping, a fraction of mean(diag H) (default 0.1)")
     qz.add_argument("--quant-shrinks", type=float, nargs="+", default=[1.0, 0.95, 0.9, 0.85, 0.8], metavar="S",
@@ -84,6 +87,12 @@ def add_refine_options(p: argparse.ArgumentParser) -> None:
     qz.add_argument("--quant-diag-shrink", type=float, default=0.3, metavar="A",
                     help="run the sweep on (1-A) H + A diag(H), a guard against fitting the calibration tokens "
                          "(default 0.3, chosen on held-out text; 1 = no error feedback)")
+    qz.add_argument("--quant-scales", default=None, choices=["anchor", "search"],
+                    help="block scales: anchor = ggml's max-based scale (times the best --quant-shrinks) with the "
+                         "largest weight pinned, so ggml itself reproduces every block; search = a free fp16 scale "
+                         "per block searched like llama.cpp's importance-matrix quantizer with diag(H) as the "
+                         "importance (Q4_0/Q5_0; `export` writes them exactly, llama.cpp-written presets do not). "
+                         "Default: QuantizeConfig's (docs/quantize.md)")
     a = p.add_argument_group("layer-wise allocation (unstructured patterns)")
     a.add_argument("--allocation", default="auto", choices=["auto", "uniform", "owl"],
                    help="owl = each decoder layer's sparsity from its share of outlier activations-times-weights "
@@ -261,5 +270,6 @@ def quantize_config(args: argparse.Namespace) -> Any:
         return None
     from dsnot_deploy.quant.gptq import QuantizeConfig
 
+    scales = {"scales": args.quant_scales} if getattr(args, "quant_scales", None) else {}
     return QuantizeConfig(type=args.quantize, damping=args.quant_damping, shrinks=tuple(args.quant_shrinks),
-                          diag_shrink=args.quant_diag_shrink)
+                          diag_shrink=args.quant_diag_shrink, **scales)

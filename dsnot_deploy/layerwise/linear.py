@@ -40,12 +40,17 @@ def prune_linear(
 def quantize_linear(
     name: str, weight: torch.Tensor, stats: ChannelStats, config: QuantizeConfig
 ) -> tuple[torch.Tensor, QuantReport] | None:
-    """Return (float32 weight on ``config.type``'s lattice, report), or None for a Linear whose rows
-    are not whole blocks (left as they are: `export` writes such tensors in F16)."""
+    """Return (float32 weight on its lattice under ``config.type``, report), or None for a Linear whose
+    rows are not whole blocks (left as they are: `export` writes such tensors in F16) or that a preset
+    plans at a type without a lattice here (left for llama.cpp's quantizer)."""
     if weight.dtype != torch.float32:
         raise UserInputError(f"expected float32 weights for in-refinement quantization (lattice values need "
                              f"24-bit mantissas); found {weight.dtype} in {name}: refine with --dtype float32")
-    lattice = config.lattice
+    lattice = config.lattice_for(name, weight.shape[1])
+    if lattice is None:
+        log.info("%s: %s plans a type without a lattice here for it; left for llama.cpp's quantizer at export",
+                 name, config.type)
+        return None
     if weight.shape[1] % lattice.block:
         log.warning("%s: rows of %d are not whole %s blocks of %d; not quantized", name, weight.shape[1],
                     lattice.name, lattice.block)
@@ -53,7 +58,7 @@ def quantize_linear(
     hessian = stats.hessian.to(weight.device)
     _sync(weight.device)
     t0 = time.perf_counter()
-    result = quantize_weight(weight, hessian, config)
+    result = quantize_weight(weight, hessian, config, lattice)
     _sync(weight.device)
     seconds = time.perf_counter() - t0
     energy = max(output_error(weight.detach().float(), torch.zeros_like(weight, dtype=torch.float32), hessian), 1e-30)

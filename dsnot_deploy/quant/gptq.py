@@ -31,8 +31,12 @@ from dsnot_deploy.quant.lattice import (
     block_scales,
     ggml_round_trip,
     levels,
-    parse_lattice,
+    search_scales,
 )
+from dsnot_deploy.quant.targets import base_lattice, lattice_for, parse_target
+
+SCALE_MODES = ("anchor", "search")
+SEARCHED_TYPES = ("Q4_0", "Q5_0")
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class QuantizeConfig:
     """In-refinement quantization: the ggml ``type``, GPTQ's damping (as SparseGPT's percdamp),
     its lazy-batch width, and the scale shrink candidates searched per block (1.0 = ggml's rule)."""
 
-    type: str = "Q4_0"
+    type: str = "Q4_0"  # a lattice type, or a preset (SPARSE_Q4, SPARSE_Q5) with per-tensor lattices (quant.targets)
     # chosen on held-out layer error (WikiText-2 validation windows, SmolLM2 Q4_0, scripts in
     # docs/bench_quant.md): with 8k calibration tokens the plain sweep (damping 0.01, no shrink) fits
     # the calibration set and loses to round-to-nearest on held-out text in deep layers
@@ -50,9 +54,16 @@ class QuantizeConfig:
     # the sweep runs on (1 - diag_shrink) H + diag_shrink diag(H): 1 = no error feedback (a diag(H)-
     # weighted scale search per block, like llama.cpp's importance matrix), 0 = plain GPTQ
     diag_shrink: float = 0.3
+    # "anchor": ggml's scale rule (optionally shrunk) with the block's largest weight pinned, so ggml's own
+    # quantizer reproduces every block; "search": a free fp16 scale per block chosen like llama.cpp's
+    # importance-matrix search with diag(H) as the importance (Q4_0 / Q5_0; Q8_0 keeps "anchor"), written
+    # exactly by `export` (converters.gguf_lattice) but re-rounded by llama.cpp-written presets
+    scales: str = "anchor"
 
     def __post_init__(self) -> None:
-        parse_lattice(self.type)
+        parse_target(self.type)
+        if self.scales not in SCALE_MODES:
+            raise UserInputError(f"expected block scales among {', '.join(SCALE_MODES)}; found {self.scales!r}")
         if not self.damping >= 0 or self.blocksize < 32 or self.blocksize % 32:
             raise UserInputError(f"expected damping >= 0 and a blocksize that is a multiple of 32; found {self}")
         if not self.shrinks or not all(0.5 <= s <= 1.0 for s in self.shrinks):
@@ -62,7 +73,15 @@ class QuantizeConfig:
 
     @property
     def lattice(self) -> Lattice:
-        return parse_lattice(self.type)
+        """The lattice of a single-type target, the base tensors' lattice of a preset."""
+        return base_lattice(self.type)
+
+    def lattice_for(self, linear: str, cols: int) -> Lattice | None:
+        """One Linear's lattice (``quant.targets.lattice_for``); None: left for llama.cpp at export."""
+        return lattice_for(self.type, linear, cols)
+
+    def searches_scales(self, lattice: Lattice) -> bool:
+        return self.scales == "search" and lattice.name in SEARCHED_TYPES
 
 
 @dataclass(frozen=True)
@@ -97,9 +116,11 @@ def _choose_scales(block: torch.Tensor, hdiag: torch.Tensor, lattice: Lattice,
     return best_scale, anchor_col
 
 
-def gptq_sweep(weight: torch.Tensor, hessian: torch.Tensor, config: QuantizeConfig) -> torch.Tensor:
-    """The sweep alone: float32 weights on ``config.lattice`` (zeros of ``weight`` stay +0.0)."""
-    lattice = config.lattice
+def gptq_sweep(weight: torch.Tensor, hessian: torch.Tensor, config: QuantizeConfig,
+               lattice: Lattice | None = None) -> torch.Tensor:
+    """The sweep alone: float32 weights on ``lattice`` (default ``config.lattice``; zeros of ``weight``
+    stay +0.0)."""
+    lattice = lattice or config.lattice
     rows, cols = weight.shape
     lattice.check_width(cols)
     if hessian.shape != (cols, cols):
@@ -113,6 +134,7 @@ def gptq_sweep(weight: torch.Tensor, hessian: torch.Tensor, config: QuantizeConf
     u = torch.linalg.cholesky(hinv, upper=True)
     q = torch.zeros_like(w)
     blk = lattice.block
+    search = config.searches_scales(lattice)
     for i1 in range(0, cols, config.blocksize):
         i2 = min(i1 + config.blocksize, cols)
         w1 = w[:, i1:i2].clone()
@@ -123,11 +145,15 @@ def gptq_sweep(weight: torch.Tensor, hessian: torch.Tensor, config: QuantizeConf
             c = i1 + i
             if c % blk == 0:
                 current = w1[:, i:i + blk] * keep[:, c:c + blk]
-                scale, anchor_col = _choose_scales(current, hdiag[c:c + blk], lattice, config.shrinks)
-            assert scale is not None and anchor_col is not None
+                if search:
+                    scale, anchor_col = search_scales(current, hdiag[c:c + blk], lattice), None
+                else:
+                    scale, anchor_col = _choose_scales(current, hdiag[c:c + blk], lattice, config.shrinks)
+            assert scale is not None
             col = w1[:, i]
             k = levels(col.unsqueeze(1), scale, lattice).squeeze(1)
-            k = torch.where(anchor_col == c % blk, torch.full_like(k, float(lattice.anchor)), k)
+            if anchor_col is not None:
+                k = torch.where(anchor_col == c % blk, torch.full_like(k, float(lattice.anchor)), k)
             k = torch.where(keep[:, c], k, torch.zeros_like(k))
             qc = k * scale
             q[:, c] = qc
@@ -138,12 +164,13 @@ def gptq_sweep(weight: torch.Tensor, hessian: torch.Tensor, config: QuantizeConf
     return q + 0.0
 
 
-def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: QuantizeConfig) -> QuantizeResult:
+def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: QuantizeConfig,
+                    lattice: Lattice | None = None) -> QuantizeResult:
     """The sweep, kept only when its calibration output error is below ggml's round-to-nearest's."""
-    lattice = config.lattice
+    lattice = lattice or config.lattice
     start = weight.detach().to(torch.float32)
     rtn = torch.from_numpy(ggml_round_trip(start, lattice)).to(start.device) + 0.0
-    swept = gptq_sweep(start, shrink_toward_diagonal(hessian, config.diag_shrink), config)
+    swept = gptq_sweep(start, shrink_toward_diagonal(hessian, config.diag_shrink), config, lattice)
     h = hessian.to(torch.float32)
     err_rtn, err_sweep = output_error(start, rtn, h), output_error(start, swept, h)
     used = err_sweep < err_rtn

@@ -72,13 +72,17 @@ def ggml_round_trip(weight: torch.Tensor | np.ndarray, lattice: Lattice) -> np.n
 
 
 def is_on_lattice(weight: torch.Tensor | np.ndarray, lattice: Lattice) -> bool:
-    """True when ggml's quantizer reproduces ``weight`` bit for bit (no second rounding on export)."""
+    """True when `export` writes ``weight`` of a quantized checkpoint with no second rounding: the bytes
+    it encodes (ggml's, or an on-lattice block at its own fp16 scale, ``converters.gguf_lattice``)
+    dequantize to it bit for bit."""
+    from converters.gguf_stream import decode, encode
+
     arr = weight.detach().cpu().numpy() if isinstance(weight, torch.Tensor) else np.asarray(weight)
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if arr.shape[-1] % lattice.block:
         return False
     # ggml dequantizes level 0 on a negative scale to -0.0; a zero's sign changes no product
-    back = ggml_round_trip(arr, lattice) + np.float32(0.0)
+    back = decode(encode(arr, lattice.qtype, exact=True), lattice.qtype, arr.shape) + np.float32(0.0)
     return bool(np.array_equal(back.view(np.uint32), (arr + np.float32(0.0)).view(np.uint32)))
 
 
@@ -95,3 +99,30 @@ def levels(values: torch.Tensor, scale: torch.Tensor, lattice: Lattice) -> torch
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     k = torch.round(values / safe.unsqueeze(1)).clamp_(lattice.lo, lattice.hi)
     return torch.where(scale.unsqueeze(1) == 0, torch.zeros_like(k), k)
+
+
+def search_scales(block: torch.Tensor, weights: torch.Tensor, lattice: Lattice,
+                  steps: tuple[float, ...] = tuple(0.1 * i for i in range(-9, 10))) -> torch.Tensor:
+    """Per-row fp16 scales (rows,) of ``block`` (rows, block) minimising the ``weights``-weighted
+    (block,) rounding error, searched as llama.cpp's importance-matrix quantizer does: for each
+    trial inverse scale ``-(|lo| + step) / m`` the levels are rounded, the scale refitted by weighted
+    least squares, rounded to fp16, and its error with the levels re-rounded on it compared; ggml's
+    own scale is a candidate too.  The scale is free (no level is pinned), so blocks are written by
+    `export` at this scale (``converters.gguf_lattice``), not re-derived by ggml's rule."""
+    x = block.to(torch.float32)
+    w = weights.to(torch.float32).clamp_min(0)
+    m = x.gather(1, x.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    safe_m = torch.where(m == 0, torch.ones_like(m), m)
+    trial = -(abs(lattice.lo) + torch.tensor(steps, dtype=torch.float32, device=x.device))  # (S,)
+    k = torch.round(x.unsqueeze(0) * (trial.unsqueeze(1) / safe_m.unsqueeze(0)).unsqueeze(2))
+    k = k.clamp_(lattice.lo, lattice.hi)  # (S, rows, block)
+    sum_l2 = (k * k * w).sum(dim=2)
+    fit = (k * x.unsqueeze(0) * w).sum(dim=2) / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2))
+    ggml = block_scales(x, lattice).unsqueeze(0)
+    scales = torch.cat([ggml, fit.to(torch.float16).to(torch.float32)])  # (S + 1, rows)
+    scales = torch.where(torch.isfinite(scales), scales, ggml.expand_as(scales))
+    safe = torch.where(scales == 0, torch.ones_like(scales), scales).unsqueeze(2)
+    q = torch.round(x.unsqueeze(0) / safe).clamp_(lattice.lo, lattice.hi) * scales.unsqueeze(2)
+    err = ((x.unsqueeze(0) - q) ** 2 * w).sum(dim=2)
+    best = scales.gather(0, err.argmin(dim=0, keepdim=True)).squeeze(0)
+    return torch.where(m == 0, torch.zeros_like(best), best)

@@ -18,7 +18,7 @@ def quantize_record(config: QuantizeConfig | None, result: DriverResult) -> dict
     return {"quantize": {
         "type": config.type,
         "settings": {"damping": config.damping, "blocksize": config.blocksize, "shrinks": list(config.shrinks),
-                     "diag_shrink": config.diag_shrink},
+                     "diag_shrink": config.diag_shrink, "scales": config.scales},
         "linears_quantized": len(reports),
         "linears_gptq": sum(q.method == "gptq" for q in reports),
         "mean_relative_error_rtn": sum(q.error_rtn for q in reports) / n,
