@@ -307,7 +307,7 @@ def main() -> None:
     p.add_argument("--states", nargs="+", default=["dense", "0.3", "0.5", "2:4"])
     p.add_argument("--types", nargs="+", default=["Q8_0", "Q5_0", "Q4_0"], choices=sorted(TARGETS))
     p.add_argument("--methods", nargs="+", default=["rtn", "imatrix", "gptq"], choices=["rtn", "imatrix", "gptq", "rtn+e8", "imatrix+e8", "gptq+e8"])
-    p.add_argument("--gptq-settings", nargs="+", default=["d0.1,s0.8,a0.3"],
+    p.add_argument("--gptq-settings", nargs="+", default=["d0.1,s0.8,a0.7,search"],
                    help="each: d<damping>,s<min shrink>,n<N>x<L> (see parse_settings)")
     p.add_argument("--refine-calib", default="16x512", help="calibration of the sparse states' refine")
     p.add_argument("--imatrix-calib", default="16x512")

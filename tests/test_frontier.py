@@ -41,8 +41,8 @@ def test_plan_always_starts_with_the_dense_f16_reference_and_adds_the_quantized_
     assert pts[0] == FrontierPoint(None, "F16") and pts[1] == FrontierPoint(None, "Q4_0")
     keys = [p.key for p in pts]
     assert keys == ["dense-F16", "dense-Q4_0", "sparse-0.5-F16", "sparse-0.5-Q4_0", "sparse-0.5-SPARSE_Q4",
-                    "sparse-0.5-Q4_0-rq", "sparse-2of4-F16", "sparse-2of4-Q4_0", "sparse-2of4-SPARSE_Q4",
-                    "sparse-2of4-Q4_0-rq"]
+                    "sparse-0.5-Q4_0-rq", "sparse-0.5-SPARSE_Q4-rq", "sparse-2of4-F16", "sparse-2of4-Q4_0",
+                    "sparse-2of4-SPARSE_Q4", "sparse-2of4-Q4_0-rq", "sparse-2of4-SPARSE_Q4-rq"]
     assert pts[5].label == "50% Q4_0 +rq" and pts[5].state == "sparse-0.5-rqQ4_0"
     assert [p.key for p in plan_points(["F16"], ["0.3"], ["Q8_0"], [])] == ["dense-F16", "sparse-0.3-Q8_0"]
 
@@ -133,6 +133,10 @@ def test_end_to_end_rows_fronts_files_and_resume(tiny, tmp_path: Path, capsys, m
     assert sorted(p.name for p in (out / "work").iterdir()) == []  # GGUFs, packs and checkpoints deleted
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporaries left
 
+    plain = tmp_path / "plain"
+    assert main(_args(ckpt, text, plain, "--no-refine-quantize")) == 0
+    before = json.loads((plain / "frontier.json").read_text())["rows"]
+
     def must_not_run(*a, **k):
         raise AssertionError("a measured configuration was measured again")
 
@@ -142,3 +146,8 @@ def test_end_to_end_rows_fronts_files_and_resume(tiny, tmp_path: Path, capsys, m
     assert json.loads((out / "frontier.json").read_text())["rows"] == doc["rows"]
     assert main(_args(ckpt, text, out, "--ctx", "32")) == 2  # other settings: refused, not mixed
     assert "other settings (eval)" in capsys.readouterr().err
+    assert main(_args(ckpt, text, out, "--quant-diag-shrink", "0.5")) == 2  # the -rq row depends on it
+    assert "other settings (quantize)" in capsys.readouterr().err
+    # rows without in-refinement quantization are reused whatever the quantization settings
+    assert main(_args(ckpt, text, plain, "--no-refine-quantize", "--quant-diag-shrink", "0.5")) == 0
+    assert json.loads((plain / "frontier.json").read_text())["rows"] == before

@@ -98,6 +98,21 @@ def test_no_validate_writes_only_the_gguf(tiny, tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "cache").exists()  # no dense export either
 
 
+@pytest.mark.parametrize("extra,expected", [((), "Q4_0"), (("--no-quantize",), None),
+                                            (("--quantize", "Q5_0"), "Q5_0")])
+def test_quantized_types_are_quantized_in_refinement_by_default(tiny, tmp_path: Path, extra, expected) -> None:
+    ckpt, text = tiny
+    args = _args(ckpt, text, tmp_path / "m.gguf", tmp_path / "cache", "--no-validate", "--refine", "none",
+                 "--keep-checkpoint", str(tmp_path / "ck"), *extra)
+    args[args.index("F32")] = "Q4_0"
+    assert main(args) == 0
+    manifest = json.loads((tmp_path / "ck" / "sparsity.json").read_text())
+    assert (manifest.get("quantize") or {}).get("type") == expected
+    report = json.loads((tmp_path / "m.gguf.export.json").read_text())
+    exact = report["zeros"]["tensors_written_exactly"]
+    assert (exact == report["zeros"]["tensors"]) == (expected == "Q4_0")  # Q5_0 values are rounded again to Q4_0
+
+
 def test_stream_gives_the_same_gguf_as_in_memory(tiny, tmp_path: Path) -> None:
     ckpt, text = tiny
     outs = []

@@ -82,17 +82,18 @@ def add_refine_options(p: argparse.ArgumentParser) -> None:
     qz.add_argument("--quant-damping", type=float, default=0.1, metavar="D",
                     help="GPTQ damping, a fraction of mean(diag H) (default 0.1)")
     qz.add_argument("--quant-shrinks", type=float, nargs="+", default=[1.0, 0.95, 0.9, 0.85, 0.8], metavar="S",
-                    help="block scale candidates as fractions of ggml's max-based scale, the one with the lowest "
-                         "diag(H)-weighted rounding error kept per block (default 1.0 0.95 0.9 0.85 0.8)")
-    qz.add_argument("--quant-diag-shrink", type=float, default=0.3, metavar="A",
+                    help="with --quant-scales anchor: block scale candidates as fractions of ggml's max-based "
+                         "scale, the one with the lowest diag(H)-weighted rounding error kept per block (default "
+                         "1.0 0.95 0.9 0.85 0.8)")
+    qz.add_argument("--quant-diag-shrink", type=float, default=0.7, metavar="A",
                     help="run the sweep on (1-A) H + A diag(H), a guard against fitting the calibration tokens "
-                         "(default 0.3, chosen on held-out text; 1 = no error feedback)")
+                         "(default 0.7, chosen on held-out text; 1 = no error feedback)")
     qz.add_argument("--quant-scales", default=None, choices=["anchor", "search"],
                     help="block scales: anchor = ggml's max-based scale (times the best --quant-shrinks) with the "
                          "largest weight pinned, so ggml itself reproduces every block; search = a free fp16 scale "
                          "per block searched like llama.cpp's importance-matrix quantizer with diag(H) as the "
-                         "importance (Q4_0/Q5_0; `export` writes them exactly, llama.cpp-written presets do not). "
-                         "Default: QuantizeConfig's (docs/quantize.md)")
+                         "importance (Q4_0/Q5_0; `export` writes them exactly). Default: search, chosen on "
+                         "held-out text (docs/quantize.md)")
     a = p.add_argument_group("layer-wise allocation (unstructured patterns)")
     a.add_argument("--allocation", default="auto", choices=["auto", "uniform", "owl"],
                    help="owl = each decoder layer's sparsity from its share of outlier activations-times-weights "

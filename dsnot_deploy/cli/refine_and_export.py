@@ -25,6 +25,10 @@ from dsnot_deploy.cli.validate import gate_exit, print_summary
 from dsnot_deploy.errors import UserInputError
 from dsnot_deploy.sources.aliases import alias_names
 
+# types refine-and-export quantizes inside refinement unless --no-quantize: where the sweep beat both
+# round-to-nearest and llama.cpp's importance-matrix quantizer on held-out text (docs/quantize.md)
+QUANTIZE_BY_DEFAULT = ("Q4_0", "Q5_0", "SPARSE_Q4", "SPARSE_Q5")
+
 # The embedded default of `refine-and-export` with no MODEL: offline model and text, and a reduced
 # size that keeps the whole job short on 2 CPU cores (EMBEDDED_TIME_NOTE: measured as the README says).
 DEFAULT_MODEL = "smollm2-135m"
@@ -57,6 +61,10 @@ def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
                    help="skip the torch perplexity of the sparse checkpoint on the validation tokens")
     r.add_argument("--allow-zero-loss", action="store_true",
                    help="export even when the type loses pruned zeros (e.g. Q4_1, Q4_K)")
+    r.add_argument("--no-quantize", action="store_true",
+                   help=f"for --type {', '.join(QUANTIZE_BY_DEFAULT)}: do not place the weights on the type's "
+                        "lattice inside refinement (it does so by default, `--quantize TYPE`, as measured in "
+                        "docs/quantize.md); export then rounds to nearest")
     r.add_argument("--force", action="store_true", help="replace OUT.gguf, its reports and --keep-checkpoint DIR")
     add_refine_options(r)
     add_scale_options(r, "DIR")
@@ -106,6 +114,7 @@ def _cmd_refine_and_export(args: argparse.Namespace) -> int:
                                   ctx=ctx, max_chunks=max_chunks, gate=gate_config(args), threads=args.threads,
                                   cache_dir=args.cache_dir, progress=progress_for(args), gpu_layers=args.gpu_layers)
     _check_type_keeps_zeros(args.type, args.allow_zero_loss)
+    quantized = _default_quantize(args)
     job = refine_job(args, model, args.keep_checkpoint or Path("sparse"), nsamples, seqlen, scale)
     config = PipelineConfig(
         job=job, out=out,
@@ -113,7 +122,7 @@ def _cmd_refine_and_export(args: argparse.Namespace) -> int:
                             progress=progress_for(args)),
         validate=validate, keep_checkpoint=args.keep_checkpoint is not None,
         torch_reference=not args.no_torch_reference, reports=reports, cache_dir=args.cache_dir,
-        settings={"model": model, "embedded_default": embedded, "type": args.type,
+        settings={"model": model, "embedded_default": embedded, "type": args.type, "quantize": quantized,
                   "calibration": {"source": args.calib, "nsamples": nsamples, "seqlen": seqlen, "seed": args.seed}},
     )
     result = run_pipeline(config)
@@ -124,6 +133,19 @@ def _cmd_refine_and_export(args: argparse.Namespace) -> int:
     print_summary(result.report, list(result.steps))
     print(f"done in {result.seconds:.0f} s")
     return gate_exit(list(result.checks))
+
+
+def _default_quantize(args: argparse.Namespace) -> str | None:
+    """Set ``args.quantize`` to ``--type`` where in-refinement quantization is the default; return the type
+    quantized to (None: none)."""
+    qtype = str(args.type).strip().upper()
+    if args.quantize is None and not args.no_quantize and qtype in QUANTIZE_BY_DEFAULT:
+        if args.dtype != "float32":
+            print(f"note: --type {qtype} with --dtype {args.dtype}: no in-refinement quantization "
+                  f"(it needs float32); export rounds to nearest")
+        else:
+            args.quantize = qtype
+    return args.quantize
 
 
 def _check_type_keeps_zeros(qtype: str, allow_zero_loss: bool) -> None:

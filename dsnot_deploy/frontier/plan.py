@@ -76,10 +76,11 @@ def normalize_type(name: str, *, sparse: bool) -> str:
 
 
 def quantizable_types() -> tuple[str, ...]:
-    """Types with a lattice for in-refinement quantization (``dsnot_deploy.quant.lattice``)."""
-    from dsnot_deploy.quant.lattice import LATTICES
+    """Types in-refinement quantization can aim at (``dsnot_deploy.quant.targets``: the lattice types
+    and the sparsity-safe presets with per-tensor lattices)."""
+    from dsnot_deploy.quant.targets import TARGETS
 
-    return tuple(LATTICES)
+    return tuple(TARGETS)
 
 
 def _unique(values: Sequence[str]) -> list[str]:

@@ -110,8 +110,10 @@ def load_rows(job: FrontierJob) -> dict[str, dict[str, Any]]:
         raise UserInputError(f"expected {path} to be a frontier written by this command; could not read it ({exc}); "
                              "pass --force to start over") from None
     mine = settings_of(job)
-    if settings != mine:
-        differ = sorted(k for k in set(settings) | set(mine) if settings.get(k) != mine.get(k))
+    # only rows refined with --quantize depend on the quantization settings
+    ignore = set() if any(str(r.get("key", "")).endswith("-rq") for r in rows) else {"quantize"}
+    differ = sorted(k for k in set(settings) | set(mine) if k not in ignore and settings.get(k) != mine.get(k))
+    if differ:
         raise UserInputError(f"{path} holds rows measured with other settings ({', '.join(differ)}); pass --force "
                              "to measure again, or choose another OUTDIR")
     return {r["key"]: {k: v for k, v in r.items() if not k.startswith("on_") and k not in ("ratio",)} for r in rows}

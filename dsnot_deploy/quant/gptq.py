@@ -8,13 +8,16 @@ level 0, so the error their neighbours' updates would have put on them is fed fo
 joint sparse-and-quantized sweep of SparseGPT).
 
 Each block's scale is fixed when the sweep reaches its first column, from the block's current
-(already updated) weights by ggml's rule, optionally shrunk by the candidate in ``shrinks`` with
-the lowest ``diag(H)``-weighted rounding error.  The block's largest-|w| weight is the anchor:
-it takes the anchor level, so every block is one ggml's own quantizer reproduces bit for bit
-(``quant.lattice``).  If the sweep's calibration error is not below ggml's round-to-nearest,
-round-to-nearest is kept: quantization never does worse than `export` alone on calibration data.
-The sweep itself runs on ``H`` shrunk toward its diagonal (``diag_shrink``), a guard against
-fitting the calibration tokens' channel correlations; the errors it reports use the true ``H``.
+(already updated) weights.  By default (``scales="search"``) it is a free fp16 scale searched as
+llama.cpp's importance-matrix quantizer searches one, with ``diag(H)`` as the importance; `export`
+writes such blocks exactly (``converters.gguf_lattice``).  With ``scales="anchor"`` it is ggml's
+rule, optionally shrunk by the candidate in ``shrinks`` with the lowest ``diag(H)``-weighted rounding
+error, and the block's largest-|w| weight takes the anchor level, so that ggml's own quantizer
+reproduces every block bit for bit (``quant.lattice``).  If the sweep's calibration error is not
+below ggml's round-to-nearest, round-to-nearest is kept: quantization never does worse than `export`
+alone on calibration data.  The sweep itself runs on ``H`` shrunk toward its diagonal
+(``diag_shrink``), a guard against fitting the calibration tokens' channel correlations; the errors
+it reports use the true ``H``.
 """
 
 from __future__ import annotations
@@ -45,20 +48,22 @@ class QuantizeConfig:
     its lazy-batch width, and the scale shrink candidates searched per block (1.0 = ggml's rule)."""
 
     type: str = "Q4_0"  # a lattice type, or a preset (SPARSE_Q4, SPARSE_Q5) with per-tensor lattices (quant.targets)
-    # chosen on held-out layer error (WikiText-2 validation windows, SmolLM2 Q4_0, scripts in
-    # docs/bench_quant.md): with 8k calibration tokens the plain sweep (damping 0.01, no shrink) fits
-    # the calibration set and loses to round-to-nearest on held-out text in deep layers
+    # chosen on held-out text (SmolLM2 dense, llama.cpp perplexity on WikiText-2 validation 16 x 512,
+    # docs/quantize.md): with 8k calibration tokens the plain sweep (no shrink toward diag(H)) fits the
+    # calibration set and loses to round-to-nearest; searched scales with the sweep on 0.3 H + 0.7 diag(H)
+    # were best over Q4_0 and Q5_0 (20.60 / 18.37 against llama.cpp's imatrix quantizer's 21.33 / 18.55)
     damping: float = 0.1
     blocksize: int = 128
-    shrinks: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8)
+    shrinks: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8)  # "anchor" scales only
     # the sweep runs on (1 - diag_shrink) H + diag_shrink diag(H): 1 = no error feedback (a diag(H)-
     # weighted scale search per block, like llama.cpp's importance matrix), 0 = plain GPTQ
-    diag_shrink: float = 0.3
-    # "anchor": ggml's scale rule (optionally shrunk) with the block's largest weight pinned, so ggml's own
-    # quantizer reproduces every block; "search": a free fp16 scale per block chosen like llama.cpp's
-    # importance-matrix search with diag(H) as the importance (Q4_0 / Q5_0; Q8_0 keeps "anchor"), written
-    # exactly by `export` (converters.gguf_lattice) but re-rounded by llama.cpp-written presets
-    scales: str = "anchor"
+    diag_shrink: float = 0.7
+    # "search": a free fp16 scale per block searched like llama.cpp's importance-matrix quantizer with
+    # diag(H) as the importance (Q4_0 / Q5_0; Q8_0 keeps "anchor"), written exactly by `export` for a
+    # quantized checkpoint (converters.gguf_lattice, and llama.cpp copies such tensors in the presets);
+    # "anchor": ggml's scale rule (optionally shrunk) with the block's largest weight pinned, so ggml's
+    # own quantizer reproduces every block
+    scales: str = "search"
 
     def __post_init__(self) -> None:
         parse_target(self.type)
