@@ -1,6 +1,7 @@
 """Quantization onto GGUF lattices (issue 15): round-to-nearest, llama.cpp's imatrix quantizer, and ours.
 
-For each model *state* (``dense``, or a sparsity refined with the default pipeline: ``0.3``, ``0.5``,
+For each model *state* (``dense``; ``offgrid``, the dense model moved off the Q4_1 lattice it ships
+on, see ``offgrid_checkpoint``; or a sparsity refined with the default pipeline: ``0.3``, ``0.5``,
 ``2:4``) and each type (Q8_0, Q5_0, Q4_0), these files are written and scored in llama.cpp:
 
 - ``rtn``: `export --type T` of the state's checkpoint (ggml's round-to-nearest, gguf-py's reference
@@ -58,14 +59,17 @@ LLAMA_CPP_VERSION = "0.3.36"
 
 
 def parse_settings(text: str) -> dict[str, Any]:
-    """``d0.1,s0.8,a0.3,n16x512[,search]``: damping, smallest scale shrink (candidates 1.0 down to it in
-    0.05 steps), the sweep's shrink of H toward its diagonal, calibration windows, and ``search`` for
-    searched free block scales (QuantizeConfig.scales); missing parts take the defaults (QuantizeConfig's)."""
+    """``d0.1,s0.8,a0.3,n16x512[,search][,head]``: damping, smallest scale shrink (candidates 1.0 down to
+    it in 0.05 steps), the sweep's shrink of H toward its diagonal, calibration windows, ``search`` for
+    searched free block scales (QuantizeConfig.scales) and ``head`` to sweep the output head too
+    (QuantizeConfig.head); missing parts take the values shown (``anchor`` scales, no head)."""
     out: dict[str, Any] = {"damping": 0.1, "min_shrink": 0.8, "alpha": 0.3, "nsamples": 16, "seqlen": 512,
-                           "scales": "anchor"}
+                           "scales": "anchor", "head": False}
     for part in filter(None, text.split(",")):
         if part == "search":
             out["scales"] = "search"
+        elif part == "head":
+            out["head"] = True
         elif part[0] == "d":
             out["damping"] = float(part[1:])
         elif part[0] == "s":
@@ -97,11 +101,40 @@ def state_checkpoint(work: Path, state: str, model: str, calib: tuple[int, int])
         loaded = load_model(model, dtype=torch.float32)
         save_checkpoint(loaded.model, loaded.tokenizer, ckpt)
         return ckpt
+    if state == "offgrid":
+        return offgrid_checkpoint(state_checkpoint(work, "dense", model, calib), ckpt)
     flag = ["--pattern", state] if ":" in state else ["--sparsity", state]
     print(f"refining {model} ({state}, default pipeline) into {ckpt} ...", flush=True)
     subprocess.run([sys.executable, "-m", "dsnot_deploy.cli", "refine", model, str(ckpt), *flag, "--calib",
                     str(C4_TRAIN), "--nsamples", str(calib[0]), "--seqlen", str(calib[1]), "-q"], check=True)
     return ckpt
+
+
+def offgrid_checkpoint(src: Path, dst: Path, seed: int = 0) -> Path:
+    """The dense checkpoint with every 2-D weight (decoder Linears and the embedding) moved to a uniformly
+    random point of its own cell of the Q4_1 lattice the offline model ships on (step = block range / 15),
+    as a bf16 model's weights would look; zeros stay zero."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp)
+    state = load_file(str(src / "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    for name, w in state.items():
+        if w.ndim != 2 or w.shape[1] % 32:
+            continue
+        blocks = w.float().reshape(-1, 32)
+        step = (blocks.amax(1, keepdim=True) - blocks.amin(1, keepdim=True)) / 15
+        moved = blocks + (torch.rand(blocks.shape, generator=gen) - 0.5) * step
+        moved = torch.where((moved == 0) | (blocks == 0), blocks, moved)
+        state[name] = moved.reshape(w.shape).to(w.dtype).contiguous()
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tmp.rename(dst)
+    return dst
 
 
 def calibration_windows(tokenizer: Any, nsamples: int, seqlen: int) -> torch.Tensor:
@@ -114,12 +147,14 @@ def calibration_windows(tokenizer: Any, nsamples: int, seqlen: int) -> torch.Ten
 def gptq_checkpoint(work: Path, ckpt: Path, qtype: str, settings: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """``ckpt`` quantized onto ``qtype``'s lattice by a quantization-only pass; (folder, its record)."""
     from dsnot_deploy.layerwise.driver import DriverConfig, run_layers
+    from dsnot_deploy.quant.head import quantize_head
     from dsnot_deploy.quant.record import quantize_record
     from dsnot_deploy.sources.checkpoint_io import save_checkpoint
     from dsnot_deploy.sources.models import find_decoder_layers, load_model
 
     tag = (f"d{settings['damping']}-s{settings['min_shrink']}-a{settings['alpha']}-n{settings['nsamples']}x"
-           f"{settings['seqlen']}" + ("-search" if settings["scales"] == "search" else ""))
+           f"{settings['seqlen']}" + ("-search" if settings["scales"] == "search" else "")
+           + ("-head" if settings["head"] else ""))
     out = work / f"{ckpt.name}-gptq-{qtype}-{tag}"
     record_file = out / "quantize.json"
     if record_file.is_file():
@@ -127,10 +162,11 @@ def gptq_checkpoint(work: Path, ckpt: Path, qtype: str, settings: dict[str, Any]
     loaded = load_model(str(ckpt), dtype=torch.float32)
     samples = calibration_windows(loaded.tokenizer, settings["nsamples"], settings["seqlen"])
     config = QuantizeConfig(type=qtype, damping=settings["damping"], shrinks=shrinks(settings["min_shrink"]),
-                            diag_shrink=settings["alpha"], scales=settings["scales"])
-    _, layers = find_decoder_layers(loaded.model)
+                            diag_shrink=settings["alpha"], scales=settings["scales"], head=settings["head"])
+    layers_path, layers = find_decoder_layers(loaded.model)
     result = run_layers(loaded.model, layers, samples, DriverConfig(prune=None, quantize=config, progress=False))
-    record = quantize_record(config, result)["quantize"]
+    head = quantize_head(loaded.model, layers_path, result.hidden, config)
+    record = quantize_record(config, result, head)["quantize"]
     source = ckpt / "sparsity.json"
     extra = {"quantize.json": json.dumps({k: v for k, v in record.items() if k != "linears"}).encode()}
     # the manifest's quantize record is what tells `export` to keep on-lattice blocks at their own scales
@@ -140,16 +176,22 @@ def gptq_checkpoint(work: Path, ckpt: Path, qtype: str, settings: dict[str, Any]
     return out, record
 
 
-def importance(ckpt: Path, nsamples: int, seqlen: int) -> dict[str, np.ndarray]:
-    """GGUF weight name -> mean x^2 per input channel of each decoder Linear, through ``ckpt``'s model."""
+def importance(ckpt: Path, nsamples: int, seqlen: int, head: bool = False) -> dict[str, np.ndarray]:
+    """GGUF weight name -> mean x^2 per input channel of each decoder Linear (and with ``head`` of the
+    output head, under the tied embedding's name when tied), through ``ckpt``'s model."""
     import gguf
 
     from converters.imatrix import imatrix_from_stats
 
-    stats = importance_stats(ckpt, nsamples, seqlen)
-    n_layers = 1 + max(int(k.split(".layers.")[1].split(".")[0]) for k in stats)
+    stats = importance_stats(ckpt, nsamples, seqlen, head)
+    n_layers = 1 + max(int(k.split(".layers.")[1].split(".")[0]) for k in stats if ".layers." in k)
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    return imatrix_from_stats(stats, lambda name: tmap.get_name(name, try_suffixes=(".weight",)))
+    out = imatrix_from_stats({k: v for k, v in stats.items() if k != "lm_head"},
+                             lambda name: tmap.get_name(name, try_suffixes=(".weight",)))
+    if "lm_head" in stats:
+        config = json.loads((ckpt / "config.json").read_text())
+        out["token_embd.weight" if config.get("tie_word_embeddings", True) else "output.weight"] = stats["lm_head"]
+    return out
 
 
 def importance_file(work: Path, ckpt: Path, nsamples: int, seqlen: int) -> Path:
@@ -163,8 +205,9 @@ def importance_file(work: Path, ckpt: Path, nsamples: int, seqlen: int) -> Path:
     return out
 
 
-def importance_stats(ckpt: Path, nsamples: int, seqlen: int) -> dict[str, np.ndarray]:
-    """HF module name -> mean x^2 per input channel of each decoder Linear, through ``ckpt``'s model."""
+def importance_stats(ckpt: Path, nsamples: int, seqlen: int, head: bool = False) -> dict[str, np.ndarray]:
+    """HF module name -> mean x^2 per input channel of each decoder Linear (and ``lm_head``), through
+    ``ckpt``'s model."""
     from dsnot_deploy.sources.models import find_decoder_layers, load_model
 
     loaded = load_model(str(ckpt), dtype=torch.float32)
@@ -183,6 +226,12 @@ def importance_stats(ckpt: Path, nsamples: int, seqlen: int) -> dict[str, np.nda
                     sums[key] = sums.get(key, 0) + (x * x).sum(0)
                     counts[key] = counts.get(key, 0) + x.shape[0]
                 hooks.append(mod.register_forward_hook(hook))
+    if head:
+        def head_hook(m, args, out) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sums["lm_head"] = sums.get("lm_head", 0) + (x * x).sum(0)
+            counts["lm_head"] = counts.get("lm_head", 0) + x.shape[0]
+        hooks.append(model.get_output_embeddings().register_forward_hook(head_hook))
     samples = calibration_windows(loaded.tokenizer, nsamples, seqlen)
     with torch.no_grad():
         for row in samples:
@@ -311,6 +360,8 @@ def main() -> None:
                    help="each: d<damping>,s<min shrink>,n<N>x<L> (see parse_settings)")
     p.add_argument("--refine-calib", default="16x512", help="calibration of the sparse states' refine")
     p.add_argument("--imatrix-calib", default="16x512")
+    p.add_argument("--imatrix-head", action="store_true",
+                   help="imatrix arms: the output head's statistics too (the tied embedding's importance)")
     p.add_argument("--texts", nargs="+", default=["wiki-valid", "wiki-test"], choices=sorted(TEXTS))
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--chunks", type=int, default=16)
@@ -342,7 +393,8 @@ def main() -> None:
             for method in args.methods:
                 for s in (args.gptq_settings if method.startswith("gptq") else [""]):
                     jobs.append((qtype, method, s if method.startswith("gptq") else
-                                 (f"n{args.imatrix_calib}" if method.startswith("imatrix") else "")))
+                                 (f"n{args.imatrix_calib}" + (",head" if args.imatrix_head else "")
+                                  if method.startswith("imatrix") else "")))
         imatrix: dict[str, np.ndarray] | None = None
         for qtype, method, settings in jobs:
             key = "|".join([args.model, state, args.refine_calib, qtype, method, settings, str(args.ctx),
@@ -364,12 +416,12 @@ def main() -> None:
             elif method == "imatrix":
                 export(ckpt, f16, "F16")
                 if imatrix is None:
-                    imatrix = importance(ckpt, *im_calib)
+                    imatrix = importance(ckpt, *im_calib, head=args.imatrix_head)
                 path = args.work / f"{ckpt.name}-{qtype}-imatrix-{settings}.gguf"
                 row |= llamacpp_imatrix(f16, path, qtype, imatrix)
             elif method in ("rtn+e8", "imatrix+e8"):
                 if method == "imatrix+e8" and imatrix is None:
-                    imatrix = importance(ckpt, *im_calib)
+                    imatrix = importance(ckpt, *im_calib, head=args.imatrix_head)
                 path = args.work / f"{ckpt.name}-{qtype}-{method.replace('+', '-')}-{settings}.gguf"
                 row |= embedding_at_q8(ckpt, path, qtype, imatrix if method == "imatrix+e8" else None)
             elif method == "gptq+e8":

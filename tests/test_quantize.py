@@ -214,8 +214,8 @@ def test_resume_state_keeps_the_quant_reports() -> None:
 def test_streamed_quantization_equals_in_memory(tiny, tmp_path: Path) -> None:
 
     prune = PruneConfig(refinement=Refinement.NONE, update=Update.NONE, pattern=SparsityPattern.unstructured(0.5))
-    _refine(tiny, tmp_path / "mem", QuantizeConfig(type="Q4_0"), prune)
-    _refine(tiny, tmp_path / "str", QuantizeConfig(type="Q4_0"), prune, stream=True)
+    _refine(tiny, tmp_path / "mem", QuantizeConfig(type="Q4_0", head=False), prune)
+    _refine(tiny, tmp_path / "str", QuantizeConfig(type="Q4_0", head=False), prune, stream=True)
     a, b = checkpoint_tensors(tmp_path / "mem"), checkpoint_tensors(tmp_path / "str")
     for name, tensor in a.items():
         assert torch.equal(tensor, b[name]), name
@@ -277,3 +277,35 @@ def test_preset_targets_follow_the_preset_plan_and_export_copies_them(tmp_path: 
     zeros = report["zeros"]
     assert zeros["tensors"] == len(manifest["linears"])
     assert zeros["tensors_written_exactly"] == len(placed)
+
+
+def test_head_sweep_puts_the_tied_embedding_on_the_lattice_and_export_writes_it_exactly(tmp_path: Path) -> None:
+    import gguf
+    from gguf import quants
+    from safetensors.torch import load_file
+
+    from converters.gguf_export import ExportConfig, export_gguf
+
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", arch="llama", tie_word_embeddings=True)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    manifest = refine(RefineJob(model=str(ckpt), outdir=tmp_path / "q", prune=PruneConfig(),
+                                calibration=CalibrationConfig(str(calib), 4, 32, 0), progress=False,
+                                quantize=QuantizeConfig(type="Q4_0", head=True)))
+    head = manifest["quantize"]["head"]
+    assert head["name"] == "lm_head" and head["type"] == "Q4_0"
+    assert min(head["error_sweep"], head["error_rtn"]) <= head["error_rtn"]
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    emb = tensors["model.embed_tokens.weight"]
+    assert "lm_head.weight" not in tensors or torch.equal(tensors["lm_head.weight"], emb)
+    assert is_on_lattice(emb, LATTICES["Q4_0"])
+    export_gguf(tmp_path / "q", tmp_path / "q.gguf", ExportConfig(qtype="Q4_0", progress=False))
+    t = next(t for t in gguf.GGUFReader(tmp_path / "q.gguf").tensors if t.name == "token_embd.weight")
+    written = quants.dequantize(t.data, t.tensor_type).reshape(emb.shape)
+    assert np.array_equal((written + np.float32(0)).view(np.uint32), (emb.numpy() + np.float32(0)).view(np.uint32))
+    plain = refine(RefineJob(model=str(ckpt), outdir=tmp_path / "p", prune=PruneConfig(),
+                             calibration=CalibrationConfig(str(calib), 4, 32, 0), progress=False,
+                             quantize=QuantizeConfig(type="Q4_0", head=False)))
+    assert "head" not in plain["quantize"]
+    assert torch.equal(load_file(tmp_path / "p" / "model.safetensors")["model.embed_tokens.weight"],
+                       load_file(ckpt / "model.safetensors")["model.embed_tokens.weight"])

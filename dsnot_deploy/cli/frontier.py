@@ -17,6 +17,7 @@ from dsnot_deploy.cli.options import (
     add_device_options,
     add_eval_options,
     add_refine_options,
+    quantize_overrides,
     refine_job,
 )
 from dsnot_deploy.errors import UserInputError
@@ -90,8 +91,7 @@ def _cmd_frontier(args: argparse.Namespace) -> int:
     template = refine_job(args, args.model, args.outdir / "work" / "ckpt", args.nsamples, args.seqlen,
                           scale={"save_state": False})
     quantize = QuantizeConfig(damping=args.quant_damping, shrinks=tuple(args.quant_shrinks),
-                              diag_shrink=args.quant_diag_shrink,
-                              **({"scales": args.quant_scales} if getattr(args, "quant_scales", None) else {}))
+                              diag_shrink=args.quant_diag_shrink, **quantize_overrides(args))
     job = FrontierJob(model=args.model, outdir=args.outdir, points=points, refine=template, quantize=quantize,
                       eval=evaluation, pack_levels=levels, pack_levels_name=args.pack_levels,
                       force=args.force, keep_files=args.keep_files, progress=progress_for(args))

@@ -94,6 +94,10 @@ def add_refine_options(p: argparse.ArgumentParser) -> None:
                          "per block searched like llama.cpp's importance-matrix quantizer with diag(H) as the "
                          "importance (Q4_0/Q5_0; `export` writes them exactly). Default: search, chosen on "
                          "held-out text (docs/quantize.md)")
+    qz.add_argument("--quant-head", dest="quant_head", action=argparse.BooleanOptionalAction, default=None,
+                    help="also sweep the output head (the tied token embedding) onto the lattice of a single-type "
+                         "--quantize (Q4_0/Q5_0/Q8_0; presets keep their Q8_0 embedding). Default: QuantizeConfig's "
+                         "(docs/quantize.md)")
     a = p.add_argument_group("layer-wise allocation (unstructured patterns)")
     a.add_argument("--allocation", default="auto", choices=["auto", "uniform", "owl"],
                    help="owl = each decoder layer's sparsity from its share of outlier activations-times-weights "
@@ -271,6 +275,15 @@ def quantize_config(args: argparse.Namespace) -> Any:
         return None
     from dsnot_deploy.quant.gptq import QuantizeConfig
 
-    scales = {"scales": args.quant_scales} if getattr(args, "quant_scales", None) else {}
     return QuantizeConfig(type=args.quantize, damping=args.quant_damping, shrinks=tuple(args.quant_shrinks),
-                          diag_shrink=args.quant_diag_shrink, **scales)
+                          diag_shrink=args.quant_diag_shrink, **quantize_overrides(args))
+
+
+def quantize_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The quantization options that default to QuantizeConfig's when not given."""
+    out: dict[str, Any] = {}
+    if getattr(args, "quant_scales", None):
+        out["scales"] = args.quant_scales
+    if getattr(args, "quant_head", None) is not None:
+        out["head"] = args.quant_head
+    return out

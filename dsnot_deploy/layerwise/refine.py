@@ -24,6 +24,7 @@ from dsnot_deploy.layerwise.driver import DriverConfig, DriverResult, run_layers
 from dsnot_deploy.layerwise.manifest import MANIFEST_NAME, build_manifest, dumps
 from dsnot_deploy.progress import Progress
 from dsnot_deploy.quant.gptq import QuantizeConfig
+from dsnot_deploy.quant.head import quantize_head
 from dsnot_deploy.quant.record import quantize_record
 from dsnot_deploy.sources.checkpoint_io import save_checkpoint
 from dsnot_deploy.sources.models import (
@@ -183,6 +184,7 @@ def refine(job: RefineJob) -> dict[str, Any]:
     state = _open_state(job, samples, loaded.source.path, len(layers))
     with _state_kept_on_failure(state):
         result = run_layers(model, layers, samples, replace(config, allocation=allocation), state=state)
+        head = quantize_head(model, layers_path, result.hidden, job.quantize) if job.quantize is not None else None
         manifest = build_manifest(
             model,
             job.prune,
@@ -191,7 +193,7 @@ def refine(job: RefineJob) -> dict[str, Any]:
             model_source=job.model,
             layers_path=layers_path,
             extra={"run": _run_record(job), "allocation": allocation_record(job.prune, allocation),
-                   **quantize_record(job.quantize, result)},
+                   **quantize_record(job.quantize, result, head)},
         )
         manifest["times"]["end_to_end_seconds"] = time.perf_counter() - t0
         save_checkpoint(model, tokenizer, job.outdir, manifest_name=MANIFEST_NAME, manifest=dumps(manifest),
@@ -356,6 +358,8 @@ def refine_streaming(job: RefineJob) -> dict[str, Any]:
     with _state_kept_on_failure(state), ShardedCheckpointWriter(job.outdir, plan.n_shards, force=job.force) as writer:
         streamed = stream_layers(skeleton, checkpoint, samples, replace(_driver_config(job), allocation=allocation),
                                  writer, plan=plan, state=state)
+        if job.quantize is not None and job.quantize.head:
+            log.warning("--stream: the output head is quantized by export (round to nearest), not in refinement")
         # build_manifest counts zeros over a model's parameters; the skeleton holds none (meta), so
         # it gets an empty module and the counts come from the tensors the writer wrote.
         manifest = build_manifest(

@@ -64,6 +64,10 @@ class QuantizeConfig:
     # "anchor": ggml's scale rule (optionally shrunk) with the block's largest weight pinned, so ggml's
     # own quantizer reproduces every block
     scales: str = "search"
+    # also the output head (the tied token embedding) for a single-type target (quant.head); on the same
+    # validation text it took Q4_0 from 20.60 to 19.63 and Q5_0 from 18.37 to 18.06 (llama.cpp's imatrix
+    # quantizer with the head's statistics too: 20.40 / 18.30)
+    head: bool = True
 
     def __post_init__(self) -> None:
         parse_target(self.type)

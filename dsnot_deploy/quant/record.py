@@ -7,10 +7,12 @@ from typing import Any
 
 from dsnot_deploy.layerwise.driver import DriverResult
 from dsnot_deploy.quant.gptq import QuantizeConfig
+from dsnot_deploy.quant.report import QuantReport
 
 
-def quantize_record(config: QuantizeConfig | None, result: DriverResult) -> dict[str, Any]:
-    """``{"quantize": {...}}`` for a run that quantized, ``{}`` otherwise."""
+def quantize_record(config: QuantizeConfig | None, result: DriverResult,
+                    head: QuantReport | None = None) -> dict[str, Any]:
+    """``{"quantize": {...}}`` for a run that quantized (``head``: the output head's report), ``{}`` otherwise."""
     if config is None:
         return {}
     reports = [q for layer in result.layers for q in layer.quant]
@@ -18,7 +20,7 @@ def quantize_record(config: QuantizeConfig | None, result: DriverResult) -> dict
     return {"quantize": {
         "type": config.type,
         "settings": {"damping": config.damping, "blocksize": config.blocksize, "shrinks": list(config.shrinks),
-                     "diag_shrink": config.diag_shrink, "scales": config.scales},
+                     "diag_shrink": config.diag_shrink, "scales": config.scales, "head": config.head},
         "linears_quantized": len(reports),
         "linears_gptq": sum(q.method == "gptq" for q in reports),
         "mean_relative_error_rtn": sum(q.error_rtn for q in reports) / n,
@@ -26,4 +28,5 @@ def quantize_record(config: QuantizeConfig | None, result: DriverResult) -> dict
         "seconds": sum(q.seconds for q in reports),
         "zeros_added": sum(q.zeros_added for q in reports),
         "linears": [asdict(q) for q in reports],
+        **({"head": asdict(head)} if head is not None else {}),
     }}
