@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import re
 import resource
 import time
@@ -41,6 +40,7 @@ from dsnot_deploy.progress import Progress, open_bar
 
 from . import gguf_types
 from .gguf_arch import ArchSpec, find_arch, llama3_rope_factors, needs_rope_freqs
+from .gguf_lattice import log_lattice, placed_on_lattice
 from .gguf_metadata import (
     NAMING_WRITERS,
     manifest_summary,
@@ -68,8 +68,9 @@ from .gguf_tokenizer import (
 from .gguf_types import OutputType, parse_output_type, zero_keeping_names
 from .gguf_zeros import summarize
 from .hf_source import HFCheckpoint, open_checkpoint
-from .imatrix import imatrix_from_stats, read_imatrix_file
+from .imatrix import load_export_imatrix
 from .llamacpp_quantize import llamacpp_quantize
+from .versions import runtime_versions
 
 logger = logging.getLogger(__name__)
 
@@ -173,19 +174,6 @@ def _intermediate_type(ckpt: HFCheckpoint) -> Q:
     return Q.F32
 
 
-def _prequantized(ckpt: HFCheckpoint) -> dict[str, Q]:
-    """HF weight name -> ggml type, for the decoder Linears `refine --quantize` put on a lattice (its
-    manifest record names each as "<layer>.<module path>")."""
-    record = (ckpt.manifest or {}).get("quantize") or {}
-    placed = {r["name"]: Q[r["type"]] for r in record.get("linears", []) if r.get("type") in Q.__members__}
-    out = {}
-    for hf_name in ckpt.tensors:
-        m = re.search(r"layers\.(\d+)\.(.+)\.weight$", hf_name)
-        if m and f"{m.group(1)}.{m.group(2)}" in placed:
-            out[hf_name] = placed[f"{m.group(1)}.{m.group(2)}"]
-    return out
-
-
 def plan_tensors(ckpt: HFCheckpoint, spec: ArchSpec, weight_type: Q, otype: OutputType | None = None,
                  embedding: Q | None = None) -> _Plan:
     """Every tensor's name, shape and types; ``embedding``: the type of token_embd / output weights.
@@ -194,7 +182,7 @@ def plan_tensors(ckpt: HFCheckpoint, spec: ArchSpec, weight_type: Q, otype: Outp
     planned for it is streamed in that type: llama.cpp copies a tensor already in its target type, so
     the values `refine --quantize` chose are written with no second rounding."""
     cfg = ckpt.text_config
-    placed = _prequantized(ckpt) if otype is not None and otype.planned else {}
+    placed = placed_on_lattice(ckpt.manifest, ckpt.tensors) if otype is not None and otype.planned else {}
     n_blocks = int(cfg["num_hidden_layers"])
     to_gguf = _name_mapper(spec, n_blocks)
     tied = _is_tied(ckpt)
@@ -284,20 +272,6 @@ def _write_gguf(
     return written
 
 
-def _load_imatrix(config: ExportConfig, ckpt: HFCheckpoint, spec: ArchSpec) -> tuple[dict[str, np.ndarray], str]:
-    to_gguf = _name_mapper(spec, int(ckpt.text_config["num_hidden_layers"]))
-    if config.imatrix == "none":
-        return {}, "none"
-    if config.imatrix == "auto":
-        stats = ckpt.load_stats()
-        return imatrix_from_stats(stats, to_gguf), ("calibration_stats.safetensors" if stats else "none")
-    path = Path(config.imatrix)
-    data = read_imatrix_file(path)
-    if path.suffix == ".safetensors":
-        data = imatrix_from_stats(data, to_gguf)
-    return data, str(path)
-
-
 def _verify(final: Path, ckpt: HFCheckpoint, spec: ArchSpec, plan: _Plan, layout: GGUFLayout,
             written: list[Written], via_llamacpp: bool) -> list[Any]:
     """Zero counts of the decoder weights as the file holds them (see gguf_stream)."""
@@ -340,7 +314,9 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
     pre = config.tokenizer_pre
     if pre is None and vocab.model == "gpt2":
         pre = detect_pre(vocab, tokenizer, lambda w: spec.write_hparams(w, cfg), spec.name)
-    imatrix, imatrix_source = _load_imatrix(config, ckpt, spec) if otype.via_llamacpp else ({}, "not used")
+    to_gguf = _name_mapper(spec, int(cfg["num_hidden_layers"]))
+    imatrix, imatrix_source = (load_export_imatrix(config.imatrix, ckpt.load_stats, to_gguf)
+                               if otype.via_llamacpp else ({}, "not used"))
     times["tokenizer"] = time.perf_counter() - start - sum(times.values())
 
     first = temporary_path(out, "f" if otype.via_llamacpp else "w")
@@ -366,7 +342,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
         written_types = {ti.name: ti.type_name for ti in layout.tensors}
         tensor_types = dict(sorted(Counter(written_types.values()).items()))
         zeros = _verify(final, ckpt, spec, plan, layout, streamed, otype.via_llamacpp) if config.verify else []
-        _log_lattice(zeros)
+        log_lattice(zeros)
         times["verify"] = time.perf_counter() - start - sum(times.values())
         file_bytes, n_params = final.stat().st_size, _param_count(plan)
         probes = usable_probes(tokenizer)
@@ -374,7 +350,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
         times["tokenizer_check"] = time.perf_counter() - start - sum(times.values())
         report = {
             "tool": {"name": "dsnot-deploy", "version": __version__},
-            "versions": _versions(),
+            "versions": runtime_versions(),
             "input": str(ckpt.root),
             "output": str(out),
             "architecture": {"hf": ckpt.architecture, "gguf": spec.name},
@@ -412,29 +388,5 @@ def export_gguf(checkpoint: str | Path, out: str | Path, config: ExportConfig = 
     return report
 
 
-def _log_lattice(zeros: list[Any]) -> None:
-    """Say how many quantized decoder weights were written with no second rounding."""
-    quantized = [z for z in zeros if z.type not in ("F32", "F16", "BF16")]
-    if quantized:
-        exact = sum(z.exact for z in quantized)
-        logger.info("on lattice: %d of %d quantized decoder weights written with no second rounding%s", exact,
-                    len(quantized), "" if exact in (0, len(quantized)) else " (the others were rounded by ggml)")
-
-
 def _param_count(plan: _Plan) -> int:
     return sum(int(np.prod(t.shape)) for t in plan.tensors)
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "gguf": _dist_version("gguf")}
-    versions["llama-cpp-python"] = _dist_version("llama-cpp-python")
-    return versions
-
-
-def _dist_version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"

@@ -18,9 +18,16 @@ significant bits, so a block with a value whose low 7 mantissa bits are set is s
 
 from __future__ import annotations
 
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
+
+logger = logging.getLogger(__name__)
 
 BLOCK = 32
 PROBE = 4  # columns tried first per candidate scale
@@ -102,3 +109,25 @@ def encode_exact(values: np.ndarray, qtype: Q) -> np.ndarray:
         rows[found] = pack_blocks(scales[found], levels[found], qtype)
         data = rows.reshape(data.shape)
     return data
+
+
+def placed_on_lattice(manifest: Mapping[str, Any] | None, tensor_names: Iterable[str]) -> dict[str, Q]:
+    """HF weight name -> ggml type, for the decoder Linears `refine --quantize` put on a lattice (the
+    manifest's quantize record names each as "<layer>.<module path>")."""
+    record = (manifest or {}).get("quantize") or {}
+    placed = {r["name"]: Q[r["type"]] for r in record.get("linears", []) if r.get("type") in Q.__members__}
+    out = {}
+    for name in tensor_names:
+        m = re.search(r"layers\.(\d+)\.(.+)\.weight$", name)
+        if m and f"{m.group(1)}.{m.group(2)}" in placed:
+            out[name] = placed[f"{m.group(1)}.{m.group(2)}"]
+    return out
+
+
+def log_lattice(zeros: list[Any]) -> None:
+    """Say how many quantized decoder weights were written with no second rounding."""
+    quantized = [z for z in zeros if z.type not in ("F32", "F16", "BF16")]
+    if quantized:
+        exact = sum(z.exact for z in quantized)
+        logger.info("on lattice: %d of %d quantized decoder weights written with no second rounding%s", exact,
+                    len(quantized), "" if exact in (0, len(quantized)) else " (the others were rounded by ggml)")

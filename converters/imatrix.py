@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,3 +58,19 @@ def read_imatrix_file(path: Path) -> dict[str, np.ndarray]:
             raise UserInputError(f"{path}: {name} has no positive '.counts' entry")
         out[name] = (s.reshape(-1) / float(n.reshape(-1)[0])).astype(np.float32)
     return out
+
+
+def load_export_imatrix(setting: str, load_stats: Callable[[], Any],
+                        gguf_name: Callable[[str], str | None]) -> tuple[dict[str, np.ndarray], str]:
+    """`export --imatrix` SETTING: "none", "auto" (the checkpoint's calibration statistics, ``load_stats()``,
+    if any) or a file; (GGUF name -> importance, where it came from)."""
+    if setting == "none":
+        return {}, "none"
+    if setting == "auto":
+        stats = load_stats()
+        return imatrix_from_stats(stats, gguf_name), ("calibration_stats.safetensors" if stats else "none")
+    path = Path(setting)
+    data = read_imatrix_file(path)
+    if path.suffix == ".safetensors":
+        data = imatrix_from_stats(data, gguf_name)
+    return data, str(path)
