@@ -22,7 +22,9 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -50,8 +52,14 @@ def distinct_codes_per_block(gguf_path: Path) -> dict[str, float]:
     return {f"{k}_{f}": float(getattr(np.concatenate(v), f)()) for k, v in out.items() if v for f in ("mean", "max")}
 
 
-def jitter_checkpoint(src: Path, dst: Path, seed: int) -> None:
-    """Copy the checkpoint; every kept weight of the decoder Linears moves within its Q4_1 cell."""
+def is_decoder_linear(name: str, weight: Any) -> bool:
+    return ".layers." in name and name.endswith("proj.weight")
+
+
+def jitter_checkpoint(src: Path, dst: Path, seed: int,
+                      include: Callable[[str, Any], bool] = is_decoder_linear) -> None:
+    """Copy the checkpoint; every kept weight of the tensors ``include`` selects (default: the decoder
+    Linears) moves to a uniformly random point of its Q4_1 cell (step = the block's kept range / 15)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -61,7 +69,7 @@ def jitter_checkpoint(src: Path, dst: Path, seed: int) -> None:
     state = load_file(str(src / "model.safetensors"))
     gen = torch.Generator().manual_seed(seed)
     for name, w in state.items():
-        if ".layers." not in name or not name.endswith("proj.weight"):
+        if not include(name, w):
             continue
         blocks = w.reshape(-1, 32)
         kept = blocks != 0

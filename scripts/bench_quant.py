@@ -111,28 +111,13 @@ def state_checkpoint(work: Path, state: str, model: str, calib: tuple[int, int])
 
 
 def offgrid_checkpoint(src: Path, dst: Path, seed: int = 0) -> Path:
-    """The dense checkpoint with every 2-D weight (decoder Linears and the embedding) moved to a uniformly
-    random point of its own cell of the Q4_1 lattice the offline model ships on (step = block range / 15),
-    as a bf16 model's weights would look; zeros stay zero."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
+    """The dense checkpoint with every 2-D weight of whole 32-blocks (decoder Linears and the embedding)
+    moved within its own cell of the Q4_1 lattice the offline model ships on (bench_pack_lattice's
+    jitter), as a bf16 model's weights would look; zeros stay zero."""
+    from bench_pack_lattice import jitter_checkpoint
 
     tmp = dst.with_name(dst.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    state = load_file(str(src / "model.safetensors"))
-    gen = torch.Generator().manual_seed(seed)
-    for name, w in state.items():
-        if w.ndim != 2 or w.shape[1] % 32:
-            continue
-        blocks = w.float().reshape(-1, 32)
-        step = (blocks.amax(1, keepdim=True) - blocks.amin(1, keepdim=True)) / 15
-        moved = blocks + (torch.rand(blocks.shape, generator=gen) - 0.5) * step
-        moved = torch.where((moved == 0) | (blocks == 0), blocks, moved)
-        state[name] = moved.reshape(w.shape).to(w.dtype).contiguous()
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    jitter_checkpoint(src, tmp, seed, include=lambda name, w: w.ndim == 2 and w.shape[1] % 32 == 0)
     tmp.rename(dst)
     return dst
 

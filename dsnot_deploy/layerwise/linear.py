@@ -10,11 +10,10 @@ import torch
 
 from dsnot_deploy.algorithms.config import PruneConfig
 from dsnot_deploy.algorithms.pruner import LinearReport, linear_report, select_weights
-from dsnot_deploy.algorithms.reconstruct import output_error
 from dsnot_deploy.algorithms.stats import ChannelStats
 from dsnot_deploy.errors import UserInputError
 from dsnot_deploy.quant.gptq import QuantizeConfig, quantize_weight
-from dsnot_deploy.quant.report import QuantReport
+from dsnot_deploy.quant.report import QuantReport, quant_report
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +60,5 @@ def quantize_linear(
     result = quantize_weight(weight, hessian, config, lattice)
     _sync(weight.device)
     seconds = time.perf_counter() - t0
-    energy = max(output_error(weight.detach().float(), torch.zeros_like(weight, dtype=torch.float32), hessian), 1e-30)
-    report = QuantReport(name=name, type=lattice.name, error_rtn=result.error_rtn / energy,
-                         error_sweep=result.error_sweep / energy, method="gptq" if result.used_sweep else "rtn",
-                         seconds=seconds,
-                         zeros_added=int((result.weight == 0).sum()) - int((weight == 0).sum()))
+    report = quant_report(name, lattice.name, weight.detach().float(), result, hessian, seconds)
     return result.weight, report

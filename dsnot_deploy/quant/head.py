@@ -16,9 +16,9 @@ import time
 import torch
 from torch import nn
 
-from dsnot_deploy.algorithms.reconstruct import output_error
+from dsnot_deploy.algorithms.stats import ChannelStats, accumulate
 from dsnot_deploy.quant.gptq import QuantizeConfig, quantize_weight
-from dsnot_deploy.quant.report import QuantReport
+from dsnot_deploy.quant.report import QuantReport, quant_report
 from dsnot_deploy.quant.targets import PRESETS, base_lattice
 
 log = logging.getLogger(__name__)
@@ -36,16 +36,13 @@ def final_norm(model: nn.Module, layers_path: str) -> nn.Module | None:
 
 
 def head_hessian(norm: nn.Module, hidden: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    """``(1/B) X^T X`` of the head's inputs ``X = norm(hidden)`` over every calibration token, float32."""
-    cols = hidden.shape[-1]
-    h = torch.zeros(cols, cols, dtype=torch.float32)
-    n = 0
+    """H of the head's inputs ``norm(hidden)`` (samples, tokens, cols) over the calibration windows, with
+    the calibration statistics' convention (``ChannelStats.hessian``)."""
+    stats = ChannelStats(hidden.shape[-1], with_hessian=True)
     with torch.no_grad():
         for start in range(0, hidden.shape[0], batch):
-            x = norm(hidden[start:start + batch]).reshape(-1, cols).to("cpu", torch.float32)
-            h += x.T @ x
-            n += x.shape[0]
-    return h / max(n, 1)
+            accumulate(stats, norm(hidden[start:start + batch]))
+    return stats.hessian
 
 
 def quantize_head(model: nn.Module, layers_path: str, hidden: torch.Tensor,
@@ -76,10 +73,7 @@ def quantize_head(model: nn.Module, layers_path: str, hidden: torch.Tensor,
     result = quantize_weight(start, hessian, config, lattice)
     seconds = time.perf_counter() - t0
     weight.data.copy_(result.weight.to(weight.device))  # a tied embedding shares this tensor
-    energy = max(output_error(start, torch.zeros_like(start), hessian), 1e-30)
-    report = QuantReport(name=HEAD_NAME, type=lattice.name, error_rtn=result.error_rtn / energy,
-                         error_sweep=result.error_sweep / energy, method="gptq" if result.used_sweep else "rtn",
-                         seconds=seconds, zeros_added=int((result.weight == 0).sum()) - int((start == 0).sum()))
+    report = quant_report(HEAD_NAME, lattice.name, start, result, hessian, seconds)
     log.info("output head on %s: relative calibration error %.5f (round-to-nearest %.5f), %.1f s", lattice.name,
              report.error_sweep if result.used_sweep else report.error_rtn, report.error_rtn, seconds)
     return report

@@ -95,10 +95,10 @@ def block_scales(block: torch.Tensor, lattice: Lattice, shrink: torch.Tensor | f
 
 
 def levels(values: torch.Tensor, scale: torch.Tensor, lattice: Lattice) -> torch.Tensor:
-    """Nearest levels of ``values`` (rows, n) on per-row ``scale`` (rows,), clamped; 0 where scale is 0."""
+    """Nearest levels of ``values`` (..., rows, n) on per-row ``scale`` (..., rows), clamped; 0 where scale is 0."""
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    k = torch.round(values / safe.unsqueeze(1)).clamp_(lattice.lo, lattice.hi)
-    return torch.where(scale.unsqueeze(1) == 0, torch.zeros_like(k), k)
+    k = torch.round(values / safe.unsqueeze(-1)).clamp_(lattice.lo, lattice.hi)
+    return torch.where(scale.unsqueeze(-1) == 0, torch.zeros_like(k), k)
 
 
 def search_scales(block: torch.Tensor, weights: torch.Tensor, lattice: Lattice,
@@ -121,8 +121,7 @@ def search_scales(block: torch.Tensor, weights: torch.Tensor, lattice: Lattice,
     ggml = block_scales(x, lattice).unsqueeze(0)
     scales = torch.cat([ggml, fit.to(torch.float16).to(torch.float32)])  # (S + 1, rows)
     scales = torch.where(torch.isfinite(scales), scales, ggml.expand_as(scales))
-    safe = torch.where(scales == 0, torch.ones_like(scales), scales).unsqueeze(2)
-    q = torch.round(x.unsqueeze(0) / safe).clamp_(lattice.lo, lattice.hi) * scales.unsqueeze(2)
+    q = levels(x.expand(len(scales), -1, -1), scales, lattice) * scales.unsqueeze(2)
     err = ((x.unsqueeze(0) - q) ** 2 * w).sum(dim=2)
     best = scales.gather(0, err.argmin(dim=0, keepdim=True)).squeeze(0)
     return torch.where(m == 0, torch.zeros_like(best), best)
