@@ -2,8 +2,9 @@
 
 `ordered_map` runs a function over a stream of items in worker threads (zstd, numpy, hashlib and
 file writes release the GIL) and yields the results in the items' order, with at most
-`max_in_flight` items submitted and not yet yielded: memory stays a small multiple of the largest
-item whatever the length of the stream. One worker means no thread at all (the plain map).
+`max_in_flight` items (and optionally a byte budget of them) submitted and not yet yielded: memory
+stays a small multiple of the largest item whatever the length of the stream. One worker means no
+thread at all (the plain map).
 """
 
 from __future__ import annotations
@@ -38,23 +39,36 @@ def resolve_threads(threads: int | None) -> int:
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
-                max_in_flight: int | None = None) -> Iterator[R]:
-    """`fn(item)` for every item, in order, computed by `workers` threads; at most `max_in_flight`
-    (default 2 * workers) items are taken from `items` and not yet yielded. Items are pulled from
-    `items` in the calling thread. An exception of `fn` is raised here, at its item's turn; the
-    items not started yet are then cancelled."""
+                max_in_flight: int | None = None, *, weight: Callable[[T], int] | None = None,
+                budget: int | None = None) -> Iterator[R]:
+    """`fn(item)` for every item, in order, computed by `workers` threads. Items are pulled from
+    `items` in the calling thread; those taken and not yet yielded are bounded by `max_in_flight`
+    (default 2 * workers) and, with `weight` and `budget`, by their total weight <= `budget`
+    (one item is always allowed, whatever its weight). A weight budget lets many small items flow
+    past one big item still being computed, where a count alone would stall the other workers
+    behind it. An exception of `fn` is raised here, at its item's turn; the items not started yet
+    are then cancelled."""
     if workers <= 1:
         yield from map(fn, items)
         return
     limit = max(workers, max_in_flight if max_in_flight is not None else 2 * workers)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pack")
-    pending: deque[Future[R]] = deque()
+    pending: deque[tuple[Future[R], int]] = deque()
+    held = 0
     try:
         for item in items:
-            pending.append(pool.submit(fn, item))
+            w = weight(item) if weight is not None and budget is not None else 0
+            while pending and budget is not None and held + w > budget:
+                fut, fw = pending.popleft()
+                held -= fw
+                yield fut.result()
+            pending.append((pool.submit(fn, item), w))
+            held += w
             if len(pending) >= limit:
-                yield pending.popleft().result()
+                fut, fw = pending.popleft()
+                held -= fw
+                yield fut.result()
         while pending:
-            yield pending.popleft().result()
+            yield pending.popleft()[0].result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

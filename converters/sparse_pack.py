@@ -13,7 +13,8 @@ does not decode to exactly its bytes (checked for every tensor while packing).
 and CRC-32, the record count, the total size and the original sha256, then renames it into place.
 A truncated or altered pack raises `UserInputError` and writes nothing.
 
-`--threads N` records are encoded at once (at most 2N held, written in order; zstd's own workers
+`--threads N` records are encoded at once (held ones weigh at most 2N x the largest record's bytes,
+so small records flow past a big one still encoding; written in order; zstd's own workers
 for huge streams, whose frames do not depend on their number): the pack's bytes are the same for any
 N, and peak memory is a small multiple of N times the largest tensor.
 """
@@ -156,8 +157,8 @@ def pack_gguf(src: Path, dst: Path, *, force: bool = False, levels: PackLevels |
               progress: Progress = False, threads: int | None = None) -> PackSummary:
     """Pack the GGUF `src` into `dst` (atomic). Returns the summary of what was written.
 
-    `threads` (default: every core this process may use) records are encoded at once, at most
-    2 * `threads` held in memory, written in file order; huge streams also use that many zstd
+    `threads` (default: every core this process may use) records are encoded at once, those held
+    in memory weighing at most 2 * `threads` x the largest record, written in file order; huge streams also use that many zstd
     workers. The pack's bytes are the same for any number of threads.
     """
     threads = resolve_threads(threads)
@@ -172,8 +173,11 @@ def pack_gguf(src: Path, dst: Path, *, force: bool = False, levels: PackLevels |
             open_bar(progress, f"pack ({threads} thread{'s' if threads > 1 else ''})", layout.file_size,
                      unit="B", unit_scale=True) as bar:
         out.write(bytes(HEADER_SIZE))
+        largest = max(end - start + MAX_TAIL if kind == "tensor" else min(RAW_CHUNK, end - start)
+                      for kind, start, end, _ in segs)
         encoded = ordered_map(partial(_encode_job, levels=levels, threads=threads),
-                              _jobs(fin, src, segs, levels, sha), threads)
+                              _jobs(fin, src, segs, levels, sha), threads, max_in_flight=1 << 16,
+                              weight=lambda job: len(job.data) + job.tail, budget=2 * threads * largest)
         for rec, covered in encoded:
             _write_record(out, rec, records)
             bar.update(covered)

@@ -333,7 +333,8 @@ def test_cli_round_trip_and_force(every_type_gguf: Path, tmp_path: Path, capsys)
 
 
 def test_pack_streams_one_tensor_at_a_time(tmp_path: Path) -> None:
-    """Peak memory follows the largest tensor, not the file: 48 tensors of 1 MB each."""
+    """Peak memory follows the largest tensor, not the file: 48 tensors of 1 MB each, 2 threads (records
+    held weigh at most 2 x 2 tensors; the rest is the two encoders' temporaries)."""
     import tracemalloc
 
     rng = np.random.default_rng(9)
@@ -342,11 +343,11 @@ def test_pack_streams_one_tensor_at_a_time(tmp_path: Path) -> None:
     from converters.pack_records import FAST_LEVELS, PackLevels
 
     tracemalloc.start()
-    pack_gguf(src, tmp_path / "big.pack", levels=PackLevels(**FAST_LEVELS))
+    pack_gguf(src, tmp_path / "big.pack", levels=PackLevels(**FAST_LEVELS), threads=2)
     unpack(tmp_path / "big.pack", tmp_path / "big2.gguf")
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert peak < 20 * w.nbytes < src.stat().st_size / 2
+    assert peak < 22 * w.nbytes < src.stat().st_size / 2
 
 
 @settings(max_examples=40, deadline=None)

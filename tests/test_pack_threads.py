@@ -162,3 +162,30 @@ def test_one_worker_is_the_plain_map_in_this_thread() -> None:
     me = threading.current_thread().name
     assert list(ordered_map(lambda i: (i, threading.current_thread().name), range(3), workers=1)) == \
         [(0, me), (1, me), (2, me)]
+
+
+def test_ordered_map_weight_budget_lets_small_items_pass_a_big_one_and_bounds_held_weight() -> None:
+    """Item 0 (weight 10) finishes only once item 15 has started: a count bound of a few items would
+    stall behind it; a weight budget of 30 lets the small items flow, and never holds more than 30."""
+    started_15 = threading.Event()
+    held: list[int] = []
+    weights = {i: (10 if i == 0 else 1) for i in range(40)}
+    taken: list[int] = []
+    yielded: list[int] = []
+
+    def items():
+        for i in range(40):
+            held.append(sum(weights[j] for j in taken) - sum(weights[j] for j in yielded))  # submitted, not yielded
+            taken.append(i)
+            yield i
+
+    def work(i: int) -> tuple[int, bool]:
+        if i == 15:
+            started_15.set()
+        return i, (started_15.wait(timeout=5.0) if i == 0 else True)
+
+    for i, ok in ordered_map(work, items(), workers=2, max_in_flight=1000, weight=weights.__getitem__, budget=30):
+        yielded.append(i)
+        assert ok
+    assert yielded == list(range(40))
+    assert max(held) <= 30
