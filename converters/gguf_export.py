@@ -234,9 +234,8 @@ def _is_sparse(ckpt: HFCheckpoint, spec: ArchSpec) -> bool:
     first = [n for n, ref in ckpt.tensors.items() if len(ref.shape) == 2 and re.search(r"\.0\.", n)]
     zeros = size = 0
     for name in first:
-        arr = ckpt.load(name)
-        zeros += int((arr == 0).sum())
-        size += arr.size
+        z, n = ckpt.count_zeros(name)
+        zeros, size = zeros + z, size + n
     return size > 0 and zeros / size >= SPARSE_ZERO_FRACTION
 
 

@@ -110,6 +110,18 @@ class HFCheckpoint:
                 got += n
         return out
 
+    def count_zeros(self, name: str) -> tuple[int, int]:
+        """(entries equal to zero, entries) of one tensor; -0.0 counts as zero. F32/F16/BF16 are
+        counted on their stored bits (sign bit masked), without converting to float32."""
+        ref = self.tensors[name]
+        if ref.offset < 0 or ref.dtype not in _RAW_DTYPES:
+            arr = self.load(name)
+            return int((arr == 0).sum()), int(arr.size)
+        raw = self.read_raw_rows(name, 0, ref.rows)
+        bits = raw.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[raw.dtype.itemsize])
+        magnitude = np.invert(np.array(1 << (8 * bits.dtype.itemsize - 1), dtype=bits.dtype))
+        return int(np.count_nonzero((bits & magnitude) == 0)), int(raw.size)
+
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a F32/F16/BF16 tensor as float32 (exact), shape (rows, row_numel)."""
         return to_float32(self.read_raw_rows(name, start, stop), self.tensors[name].dtype)

@@ -274,8 +274,9 @@ def main() -> None:
     for label, ckpt in (("smollm2", smol), ("1b", big)):
         if args.only in (None, label):
             results.append(bench_checkpoint(label, ckpt, args.work, script, args.repeat))
+    manifest = json.loads((smol / "sparsity.json").read_text()) if (smol / "sparsity.json").is_file() else {}
     out = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-           "layers_1b": args.layers, "repeat": args.repeat, "import_baseline": base, "results": results}
+           "smollm2_sparsity": manifest.get("sparsity", {}).get("pruned_linears", 0.5), "layers_1b": args.layers, "repeat": args.repeat, "import_baseline": base, "results": results}
     (ROOT / "docs" / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
     (ROOT / "docs" / f"{args.name}.md").write_text(markdown(out))
     print(markdown(out))
@@ -294,7 +295,8 @@ def markdown(out: dict) -> str:
          f"Import baseline (a Python that imports numpy, torch, gguf, transformers' tokenizers, llama_cpp): "
          f"{base:.0f} MiB."),
         "",
-        (f"Checkpoints: `smollm2` = SmolLM2-135M refined at 0.5 (float32 safetensors, tied embeddings); `1b` = a "
+        (f"Checkpoints: `smollm2` = SmolLM2-135M refined at {out.get('smollm2_sparsity', 0.5):.2f} of its "
+         "decoder Linears' weights pruned (float32 safetensors, tied embeddings); `1b` = a "
          f"random Llama at Llama-3.2-1B width (hidden 2048, MLP 8192, 32 / 8 heads, {out['layers_1b']} layers, "
          "vocab 49152, untied output, bfloat16 in two shards, half of every decoder weight zero). Same tensor "
          "bytes: both converters' files hold the same tensors (names, shapes, types) with identical bytes."),

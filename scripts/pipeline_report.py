@@ -86,7 +86,7 @@ def markdown(summary: dict, name: str) -> str:
              "Written by `scripts/pipeline_report.py` from the rows of `scripts/bench_pipeline.py`. Perplexity, "
              "paper protocol. The candidate at each pattern is chosen on WikiText-2 validation "
              f"(`{SELECT_ON}`) among the non-baseline variants (within {TIE:.0%} of the lowest, the variant with "
-             "fewer stages wins the tie), and reported on {', '.join(REPORT_ON)}; the best "
+             f"fewer stages wins the tie), and reported on {', '.join(REPORT_ON)}; the best "
              f"baseline is the best of {', '.join(BASELINES)} on each text. `refine (s)` is wall time on the machine "
              "that ran the row (2 cores here), not a clean timing when other jobs shared it.", ""]
     for model, m in summary.items():

@@ -78,6 +78,23 @@ def test_bf16_rows_read_exactly(tmp_path: Path) -> None:
             assert np.array_equal(hf.read_rows(name, 3, 7), t[3:7].float().numpy())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_zero_counts_on_stored_bits_equal_the_float_count(tmp_path: Path, dtype: torch.dtype) -> None:
+    """count_zeros reads the stored bits (sign masked): -0.0 is a zero, the smallest subnormals are not."""
+    ckpt = _sparse_checkpoint(tmp_path / "c", dtype)
+    path = ckpt / "model.safetensors"
+    tensors = load_file(path)
+    name = next(n for n, t in tensors.items() if t.ndim == 2)
+    w = tensors[name].clone()
+    flat = w.view(-1)
+    flat[:3] = torch.tensor([-0.0, torch.finfo(dtype).smallest_normal / 4, -torch.finfo(dtype).tiny / 2], dtype=dtype)
+    tensors[name] = w
+    save_file(tensors, path)
+    hf = open_checkpoint(ckpt)
+    for n, t in tensors.items():
+        assert hf.count_zeros(n) == (int((t.float() == 0).sum()), t.numel())
+
+
 def test_no_verify_writes_the_same_file(tmp_path: Path) -> None:
     ckpt = _sparse_checkpoint(tmp_path / "c")
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
