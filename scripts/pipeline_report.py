@@ -102,10 +102,12 @@ def markdown(summary: dict, name: str) -> str:
                 mark = " (chosen)" if variant == p["chosen_on_validation"] else ""
                 lines.append(f"| {variant}{mark} | " + " | ".join(
                     f"{v[t]:.2f}" if t in v else "-" for t in texts) + f" | {v.get('refine_seconds', 0):.0f} |")
-            for text, t in (p.get("targets") or {}).items():
+            if p.get("targets"):
                 lines.append("")
+            for text, t in (p.get("targets") or {}).items():
+                change = (f"{t['lower_by']:.1%} lower" if t["lower_by"] >= 0 else f"{-t['lower_by']:.1%} higher")
                 lines.append(f"- {text}: chosen {t['chosen_ppl']:.2f} vs best baseline {t['best_baseline']} "
-                             f"{t['baseline_ppl']:.2f}: {t['lower_by']:+.1%} lower (target {t['target']:.0%}: "
+                             f"{t['baseline_ppl']:.2f}: {change} (target {t['target']:.0%} lower: "
                              f"{'met' if t['met'] else 'missed'})")
             if p.get("baselines_missing"):
                 lines.append(f"- not yet run (so not in the best-baseline comparison): "
