@@ -23,6 +23,7 @@ SELECT_ON = "wiki-valid"
 # one validation text of 16 windows does not separate perplexities closer than this
 TIE = 0.01
 REPORT_ON = ("wiki-test", "c4-valid")
+PATTERN_ORDER = ("0.5", "0.6", "0.7", "2:4")  # the plot's x axis
 
 
 def load(paths: list[Path]) -> list[dict]:
@@ -127,17 +128,25 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(summary)
+    order = {p: i for i, p in enumerate(PATTERN_ORDER)}
+    every = list(dict.fromkeys(v for m in summary.values() for p in m["patterns"].values() for v in p["variants"]))
+    colors = {v: f"C{i % 10}" for i, v in enumerate(every)}  # one colour per variant in every panel
     fig, axes = plt.subplots(len(models), len(REPORT_ON), figsize=(6 * len(REPORT_ON), 4 * len(models)),
                              squeeze=False)
     for row, model in enumerate(models):
-        patterns = list(summary[model]["patterns"])
+        patterns = sorted(summary[model]["patterns"], key=lambda p: (order.get(p, len(order)), p))
         variants = list(dict.fromkeys(v for p in summary[model]["patterns"].values() for v in p["variants"]))
         for col, text in enumerate(REPORT_ON):
             ax = axes[row][col]
             for variant in variants:
                 ys = [summary[model]["patterns"][p]["variants"].get(variant, {}).get(f"ppl:{text}") for p in patterns]
-                xs = [i for i, y in enumerate(ys) if y is not None]
-                ax.plot(xs, [ys[i] for i in xs], marker="o", label=variant,
+                # NaN breaks the line: no segment across a pattern not run, none from a sparsity to N:M
+                ys = [float("nan") if y is None or (i and ":" in p) else y for i, (y, p) in enumerate(zip(ys, patterns))]
+                for i, p in enumerate(patterns):  # N:M patterns as lone markers
+                    y = summary[model]["patterns"][p]["variants"].get(variant, {}).get(f"ppl:{text}")
+                    if ":" in p and y is not None and i:
+                        ax.plot([i], [y], marker="o", color=colors[variant])
+                ax.plot(range(len(ys)), ys, marker="o", label=variant, color=colors[variant],
                         linestyle="--" if variant in BASELINES else "-")
             ax.set_xticks(range(len(patterns)), patterns)
             ax.set_yscale("log")
