@@ -33,7 +33,7 @@ from .gguf_lattice import LEVELS as LATTICE_EXACT
 from .gguf_lattice import encode_exact
 from .gguf_read import GGUFLayout, read_gguf_layout
 from .gguf_zeros import ZeroCount, ZeroTally, same_values
-from .hf_source import HFCheckpoint, to_float32
+from .hf_source import HFCheckpoint, stored_zero_count, to_float32
 
 CHUNK_BYTES = 32 << 20  # float32 bytes of one chunk of rows
 _READ_BYTES = 16 << 20
@@ -111,12 +111,6 @@ class TensorSource:
                 and not self.spec.rewrites_values(self.t.hf_name or ""))
 
 
-def _zero_count(raw: np.ndarray) -> int:
-    """Exact zeros (either sign) among stored F32/F16 values, from their bits."""
-    bits = raw.view(np.uint32 if raw.dtype.itemsize == 4 else np.uint16)
-    return int(np.count_nonzero((bits & bits.dtype.type(0x7FFFFFFF if raw.dtype.itemsize == 4 else 0x7FFF)) == 0))
-
-
 def encode(values: np.ndarray, qtype: Q, exact: bool = False) -> np.ndarray:
     """Values -> the bytes ggml stores for them (gguf-py's quantizers, byte-identical to ggml's).
 
@@ -183,7 +177,7 @@ def stream_tensor(fout: Any, src: TensorSource, verify: bool, encoder: Encoder =
             raw = src.raw(start, stop)
             data = raw.view(np.uint8)
             if tally is not None:
-                tally.add_identical(raw.size, _zero_count(raw))
+                tally.add_identical(raw.size, stored_zero_count(raw))
         else:
             values = src.values(start, stop)
             data = encoder(values, t.qtype)

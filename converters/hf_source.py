@@ -112,15 +112,13 @@ class HFCheckpoint:
 
     def count_zeros(self, name: str) -> tuple[int, int]:
         """(entries equal to zero, entries) of one tensor; -0.0 counts as zero. F32/F16/BF16 are
-        counted on their stored bits (sign bit masked), without converting to float32."""
+        counted on their stored bits (`stored_zero_count`), without converting to float32."""
         ref = self.tensors[name]
         if ref.offset < 0 or ref.dtype not in _RAW_DTYPES:
             arr = self.load(name)
             return int((arr == 0).sum()), int(arr.size)
         raw = self.read_raw_rows(name, 0, ref.rows)
-        bits = raw.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[raw.dtype.itemsize])
-        magnitude = np.invert(np.array(1 << (8 * bits.dtype.itemsize - 1), dtype=bits.dtype))
-        return int(np.count_nonzero((bits & magnitude) == 0)), int(raw.size)
+        return stored_zero_count(raw), int(raw.size)
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a F32/F16/BF16 tensor as float32 (exact), shape (rows, row_numel)."""
@@ -137,6 +135,12 @@ class HFCheckpoint:
 
 
 _RAW_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+
+
+def stored_zero_count(raw: np.ndarray) -> int:
+    """Exact zeros (either sign) among stored F32/F16/BF16 values (BF16 as uint16), from their bits."""
+    bits = raw.view(np.uint32 if raw.dtype.itemsize == 4 else np.uint16)
+    return int(np.count_nonzero((bits & (np.iinfo(bits.dtype).max >> 1)) == 0))
 
 
 def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:

@@ -42,33 +42,39 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
                 max_in_flight: int | None = None, *, weight: Callable[[T], int] | None = None,
                 budget: int | None = None) -> Iterator[R]:
     """`fn(item)` for every item, in order, computed by `workers` threads. Items are pulled from
-    `items` in the calling thread; those taken and not yet yielded are bounded by `max_in_flight`
-    (default 2 * workers) and, with `weight` and `budget`, by their total weight <= `budget`
-    (one item is always allowed, whatever its weight). A weight budget lets many small items flow
-    past one big item still being computed, where a count alone would stall the other workers
-    behind it. An exception of `fn` is raised here, at its item's turn; the items not started yet
-    are then cancelled."""
+    `items` in the calling thread; those taken and not yet yielded are bounded by their total
+    `weight` <= `budget` when both are given (one item is always allowed, whatever its weight), and
+    by their count `max_in_flight` (default: 2 * workers without a budget, no count bound with one).
+    A weight budget lets many small items flow past one big item still being computed, where a count
+    alone would stall the other workers behind it. An exception of `fn` is raised here, at its
+    item's turn; the items not started yet are then cancelled."""
     if workers <= 1:
         yield from map(fn, items)
         return
-    limit = max(workers, max_in_flight if max_in_flight is not None else 2 * workers)
+    weigh = weight if budget is not None else None
+    if max_in_flight is None:
+        max_in_flight = None if weigh is not None else 2 * workers
+    limit = max(workers, max_in_flight) if max_in_flight is not None else None
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pack")
     pending: deque[tuple[Future[R], int]] = deque()
     held = 0
+
+    def oldest() -> R:
+        nonlocal held
+        fut, w = pending.popleft()
+        held -= w
+        return fut.result()
+
     try:
         for item in items:
-            w = weight(item) if weight is not None and budget is not None else 0
+            w = weigh(item) if weigh is not None else 0
             while pending and budget is not None and held + w > budget:
-                fut, fw = pending.popleft()
-                held -= fw
-                yield fut.result()
+                yield oldest()
             pending.append((pool.submit(fn, item), w))
             held += w
-            if len(pending) >= limit:
-                fut, fw = pending.popleft()
-                held -= fw
-                yield fut.result()
+            if limit is not None and len(pending) >= limit:
+                yield oldest()
         while pending:
-            yield pending.popleft()[0].result()
+            yield oldest()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

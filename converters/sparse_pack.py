@@ -158,8 +158,8 @@ def pack_gguf(src: Path, dst: Path, *, force: bool = False, levels: PackLevels |
     """Pack the GGUF `src` into `dst` (atomic). Returns the summary of what was written.
 
     `threads` (default: every core this process may use) records are encoded at once, those held
-    in memory weighing at most 2 * `threads` x the largest record, written in file order; huge streams also use that many zstd
-    workers. The pack's bytes are the same for any number of threads.
+    in memory weighing at most 2 * `threads` x the largest record, written in file order; huge
+    streams also use that many zstd workers. The pack's bytes are the same for any number of threads.
     """
     threads = resolve_threads(threads)
     levels = levels or PackLevels()
@@ -176,7 +176,7 @@ def pack_gguf(src: Path, dst: Path, *, force: bool = False, levels: PackLevels |
         largest = max(end - start + MAX_TAIL if kind == "tensor" else min(RAW_CHUNK, end - start)
                       for kind, start, end, _ in segs)
         encoded = ordered_map(partial(_encode_job, levels=levels, threads=threads),
-                              _jobs(fin, src, segs, levels, sha), threads, max_in_flight=1 << 16,
+                              _jobs(fin, src, segs, levels, sha), threads,
                               weight=lambda job: len(job.data) + job.tail, budget=2 * threads * largest)
         for rec, covered in encoded:
             _write_record(out, rec, records)

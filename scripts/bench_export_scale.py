@@ -276,7 +276,8 @@ def main() -> None:
             results.append(bench_checkpoint(label, ckpt, args.work, script, args.repeat))
     manifest = json.loads((smol / "sparsity.json").read_text()) if (smol / "sparsity.json").is_file() else {}
     out = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-           "smollm2_sparsity": manifest.get("sparsity", {}).get("pruned_linears", 0.5), "layers_1b": args.layers, "repeat": args.repeat, "import_baseline": base, "results": results}
+           "smollm2_sparsity": manifest.get("sparsity", {}).get("pruned_linears", 0.5), "layers_1b": args.layers,
+           "repeat": args.repeat, "import_baseline": base, "results": results}
     (ROOT / "docs" / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
     (ROOT / "docs" / f"{args.name}.md").write_text(markdown(out))
     print(markdown(out))
