@@ -36,6 +36,7 @@ from dsnot_deploy.algorithms.config import (  # noqa: E402
     PruneConfig,
     Refinement,
     SparsityPattern,
+    Target,
     Update,
 )
 from dsnot_deploy.algorithms.reconstruct import output_error  # noqa: E402
@@ -79,8 +80,9 @@ def parse_variant(text: str) -> PruneConfig | None:
             prune = replace(prune, refinement=Refinement.DSNOT)
         elif name == "exact":
             prune = replace(prune, refinement=Refinement.EXACT, exact=ExactConfig(shrink=float(value or 0)))
-        elif name == "admm":
-            prune = replace(prune, update=Update.ADMM)
+        elif name == "admm":  # `admm@model`: reconstruction toward the dense model's outputs
+            target = Target(value or "layer")
+            prune = replace(prune, update=Update.ADMM, reconstruct=replace(prune.reconstruct, target=target))
         elif name == "owl":
             prune = replace(prune, allocation=AllocationConfig(kind=Allocation.OWL))
         else:

@@ -51,6 +51,10 @@ def _fail_at(monkeypatch: pytest.MonkeyPatch, module, layer: int) -> list[int]:
     ("memory-sparsegpt-2:4", driver, ("--method", "sparsegpt", "--pattern", "2:4", "--refine", "dsnot",
                                       "--measure-error")),
     ("stream", stream, ("--method", "wanda", "--sparsity", "0.6", "--stream")),
+    # the dense stream (reconstruction toward the dense model) must advance through restored layers too
+    ("memory-model-target", driver, ("--method", "wanda", "--sparsity", "0.6", "--reconstruct-target", "model")),
+    ("stream-model-target", stream, ("--method", "wanda", "--sparsity", "0.6", "--reconstruct-target", "model",
+                                     "--stream")),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny, tmp_path: Path, monkeypatch, capsys,
                                                              mode, module, extra) -> None:

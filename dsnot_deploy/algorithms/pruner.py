@@ -15,7 +15,7 @@ from dsnot_deploy.algorithms.config import Method, PruneConfig, Refinement, Upda
 from dsnot_deploy.algorithms.dsnot import dsnot_refine, mean_error
 from dsnot_deploy.algorithms.exact import exact_refine
 from dsnot_deploy.algorithms.masks import magnitude_mask, wanda_mask
-from dsnot_deploy.algorithms.reconstruct import reconstruct
+from dsnot_deploy.algorithms.reconstruct import model_target, reconstruct
 from dsnot_deploy.algorithms.sparsegpt import sparsegpt_prune
 from dsnot_deploy.algorithms.stats import ChannelStats
 
@@ -111,13 +111,18 @@ def select_weights(weight: torch.Tensor, stats: ChannelStats, config: PruneConfi
         mask = result.mask
     if config.update is Update.ADMM:
         assert hessian is not None
-        sparse = reconstruct(dense, sparse, mask, hessian, config.reconstruct).float()
+        target = dense  # what reconstruction matches: the dense Linear, or (MODEL) the dense model's outputs
+        if config.matches_dense_model:
+            if stats.cross is None:
+                raise ValueError("--reconstruct-target model needs statistics against the dense model's inputs")
+            target = model_target(dense, hessian, stats.cross.to(dense.device), config.reconstruct.damping).float()
+        sparse = reconstruct(target, sparse, mask, hessian, config.reconstruct).float()
         errors = None  # the refinement's (init, final) no longer describe the final weights
         for _ in range(config.reconstruct.rounds - 1 if refinement is Refinement.EXACT else 0):
             # alternate: search again against the reconstructed weights, then reconstruct the new mask
             again = exact_refine(dense, sparse, mask, searched, config.pattern, config.exact)
             swaps, mask = swaps + again.swaps, again.mask
-            sparse = reconstruct(dense, again.weight, mask, hessian, config.reconstruct).float()
+            sparse = reconstruct(target, again.weight, mask, hessian, config.reconstruct).float()
     # W * mask leaves -0.0 where a negative weight was pruned; store every pruned weight as +0.0 so
     # that bit-level consumers (compact packs of F16/BF16 GGUFs, N:M detection) see one zero
     sparse = sparse + 0.0

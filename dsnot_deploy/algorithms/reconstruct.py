@@ -36,6 +36,18 @@ def damped_hessian(hessian: torch.Tensor, damping: float) -> torch.Tensor:
     return hd
 
 
+def model_target(dense: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damping: float) -> torch.Tensor:
+    """The dense weights ``T`` whose layer objective ``tr((W - T) Hd (W - T)^T)`` equals, up to a constant,
+    ``||W X - Wd Xd||^2 / B + lambda ||W - Wd||^2``: the pruned Linear matches the dense *model's* outputs
+    (``Xd``: the same tokens' inputs in the dense model, ``cross = X^T Xd / B``), with the ridge pulling it
+    toward ``Wd``. ``T = Wd + Wd (C^T - H) Hd^-1``; with ``Xd = X`` it is ``Wd``."""
+    hd = damped_hessian(hessian, damping)
+    wd = dense.to(hd.dtype)
+    shift = wd @ (cross.T - hessian).to(hd.dtype)  # (rows, cols); Hd is symmetric, so T - Wd = shift Hd^-1
+    factor = torch.linalg.cholesky(hd)
+    return wd + torch.cholesky_solve(shift.T, factor).T
+
+
 def output_error(dense: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:
     """``sum_i dw_i^T H dw_i`` with ``dw = dense - weight`` (float64 reduction)."""
     dw = (dense - weight).to(hessian.dtype)

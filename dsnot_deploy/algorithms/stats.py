@@ -23,6 +23,7 @@ class ChannelStats:
     cols: int
     with_hessian: bool
     device: torch.device | str = "cpu"
+    with_cross: bool = False  # also sum_b X_b^T Xd_b against the dense model's inputs (reconstruction target)
     n_samples: int = 0
     n_tokens: int = 0
 
@@ -35,6 +36,8 @@ class ChannelStats:
         self.pooled_m2 = torch.zeros(self.cols, **f32)
         # (cols, cols) sum_b X_b^T X_b, float32; the SparseGPT statistic without its 2/B factor
         self.xtx = torch.zeros(self.cols, self.cols, **f32) if self.with_hessian else None
+        # (cols, cols) sum_b X_b^T Xd_b, X the inputs in the pruned model and Xd the same tokens' in the dense one
+        self.xtxd = torch.zeros(self.cols, self.cols, **f32) if self.with_cross else None
 
     # -- reading out (each divides by B as algorithms.md section 2 states) ---------------
     @property
@@ -58,9 +61,14 @@ class ChannelStats:
             raise RuntimeError("statistics were collected without the Hessian")
         return self.xtx / max(self.n_samples, 1)
 
+    @property
+    def cross(self) -> torch.Tensor | None:  # (cols, cols) = (1/B) sum_b X_b^T Xd_b, or None
+        return None if self.xtxd is None else self.xtxd / max(self.n_samples, 1)
 
-def accumulate(stats: ChannelStats, x: torch.Tensor) -> ChannelStats:
-    """Fold inputs `x` of shape (b, L, cols) (or (L, cols) for one sample) into `stats`."""
+
+def accumulate(stats: ChannelStats, x: torch.Tensor, dense_x: torch.Tensor | None = None) -> ChannelStats:
+    """Fold inputs `x` of shape (b, L, cols) (or (L, cols) for one sample) into `stats`; `dense_x`, the
+    same tokens' inputs in the dense model, is needed (and only used) when `stats.with_cross`."""
     if x.dim() == 2:
         x = x.unsqueeze(0)
     x = x.reshape(x.shape[0], -1, x.shape[-1]).to(device=stats.sq_sum.device, dtype=torch.float32)
@@ -82,6 +90,10 @@ def accumulate(stats: ChannelStats, x: torch.Tensor) -> ChannelStats:
     stats.pooled_m2 += m2_b + delta.pow(2) * (n_a * n_b / total)
     if stats.xtx is not None:
         stats.xtx += flat.T @ flat  # (cols, cols)
+    if stats.xtxd is not None:
+        if dense_x is None or dense_x.numel() != x.numel():
+            raise ValueError("statistics with the dense model's inputs need `dense_x` shaped as `x`")
+        stats.xtxd += flat.T @ dense_x.reshape(-1, cols).to(flat)
     stats.n_samples += b
     stats.n_tokens = total
     return stats

@@ -26,6 +26,7 @@ from dsnot_deploy.layerwise.capture import (
     layer_output,
     to_device,
 )
+from dsnot_deploy.layerwise.dense_stream import DenseStream, open_dense_stream
 from dsnot_deploy.layerwise.linear import prune_linear, quantize_linear
 from dsnot_deploy.progress import Progress, open_bar
 from dsnot_deploy.quant.gptq import QuantizeConfig
@@ -64,6 +65,11 @@ class DriverConfig:
         if self.quantize is not None:
             return True
         return self.prune is not None and (self.prune.needs_hessian or self.measure_error)
+
+    @property
+    def tracks_dense_model(self) -> bool:
+        """Whether the dense model's activations are carried too (reconstruction toward the dense model)."""
+        return self.prune is not None and self.prune.matches_dense_model
 
     @property
     def store_device(self) -> str:
@@ -148,25 +154,34 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall, batch_si
 
 def _calibrate(
     layer: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, call: LayerCall,
-    config: DriverConfig, with_hessian: bool,
+    config: DriverConfig, with_hessian: bool, dense: DenseStream | None = None,
 ) -> dict[str, ChannelStats]:
-    """Statistics per Linear; Linears fed the same tensor share one ChannelStats."""
+    """Statistics per Linear; Linears fed the same tensor share one ChannelStats.
+
+    With a `dense` stream the (still dense) layer first runs on the dense model's inputs: its Linears'
+    inputs are paired with the pruned model's (``ChannelStats.cross``) and its outputs go to `dense.out`.
+    """
     stats: dict[str, ChannelStats] = {}
     seen: dict[int, tuple[torch.Tensor, ChannelStats]] = {}  # refs keep ids unique per batch
+    dense_inputs: dict[str, torch.Tensor] = {}  # per Linear, this batch's inputs in the dense model
+    capturing = [False]
 
     def make_hook(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             x = args[0]
+            if capturing[0]:
+                dense_inputs[name] = x.detach()
+                return
             if id(x) in seen:
                 shared = seen[id(x)][1]
                 stats.setdefault(name, shared)
                 return
             st = stats.get(name)
             if st is None:
-                st = ChannelStats(module.in_features, with_hessian, device=config.device)
+                st = ChannelStats(module.in_features, with_hessian, device=config.device, with_cross=dense is not None)
                 stats[name] = st
             seen[id(x)] = (x, st)
-            accumulate(st, x.detach())
+            accumulate(st, x.detach(), dense_inputs.get(name))
 
         return hook
 
@@ -174,9 +189,17 @@ def _calibrate(
     try:
         with torch.no_grad():
             for start in range(0, hidden.shape[0], config.batch_size):
-                x = hidden[start : start + config.batch_size].to(config.device, non_blocking=True)
+                stop = start + config.batch_size
+                if dense is not None:
+                    capturing[0] = True
+                    y = layer_output(layer(dense.hidden[start:stop].to(config.device, non_blocking=True),
+                                           *call.args, **call.kwargs))
+                    dense.out[start:stop].copy_(y, non_blocking=True)
+                    capturing[0] = False
+                x = hidden[start:stop].to(config.device, non_blocking=True)
                 layer(x, *call.args, **call.kwargs)
                 seen.clear()
+                dense_inputs.clear()
     finally:
         for h in handles:
             h.remove()
@@ -219,10 +242,12 @@ def process_layer(
     call: LayerCall,
     config: DriverConfig,
     device: torch.device | str,
+    dense: DenseStream | None = None,
 ) -> tuple[LayerReport, float]:
     """Calibrate, prune and propagate one decoder layer already on `device`, in place.
 
-    `hidden` holds the layer's inputs; its outputs (of the pruned layer) are written to `out`.
+    `hidden` holds the layer's inputs; its outputs (of the pruned layer) are written to `out`; with a
+    `dense` stream the dense layer's outputs on the dense inputs go to `dense.out` (see `_calibrate`).
     Returns the layer's report and its mask seconds.  `call` must already be on `device`.
     """
     t_layer = time.perf_counter()
@@ -232,7 +257,7 @@ def process_layer(
     if prune is not None or quantize is not None:
         per_device = config if device == config.device else _with_device(config, device)
         linears = _linears(layer)
-        stats = _calibrate(layer, linears, hidden, call, per_device, config.with_hessian)
+        stats = _calibrate(layer, linears, hidden, call, per_device, config.with_hessian, dense)
         for name, mod in linears.items():
             if name not in stats:  # a Linear the forward never called stays dense
                 log.warning("layer %d: %s was not called during calibration; left dense", index, name)
@@ -303,6 +328,7 @@ def run_layers(
 
     hidden, calls = capture_layer_inputs(model, layers, samples, config.batch_size, device, store,
                                          move_layers=not config.layers_in_place, allocate=allocate)
+    dense = open_dense_stream(hidden, allocate) if config.tracks_dense_model else None
     reports: list[LayerReport] = []
     mask_seconds = 0.0
     out = allocate(tuple(hidden.shape), hidden.dtype)
@@ -315,6 +341,8 @@ def run_layers(
                 synchronize(previous)  # its asynchronous copies into `out` must land before another device reads
             if store != "cpu" and hidden.device != layer_device:  # activations follow the layers
                 hidden, out = hidden.to(layer_device), out.to(layer_device)
+                if dense is not None:
+                    dense.to(layer_device)
         else:
             layer_device = torch.device(device)
             home = next(layer.parameters()).device
@@ -324,16 +352,20 @@ def run_layers(
             before_layer(i, layer, hidden, call, _with_device(config, layer_device))
         if state is not None and i < state.done:
             tensors, report = state.restore(i)
+            if dense is not None:  # the layer is still dense here: advance the dense stream first
+                _run_layer(layer, dense.hidden, call, config.batch_size, str(layer_device), dense.out)
             layer.load_state_dict(tensors, strict=True)
             propagate_restored(layer, hidden, out, call, config, layer_device)
             seconds = sum(lin.mask_seconds for lin in report.linears)
         else:
-            report, seconds = process_layer(i, layer, hidden, out, call, config, str(layer_device))
+            report, seconds = process_layer(i, layer, hidden, out, call, config, str(layer_device), dense)
             if state is not None:
                 state.save(i, layer_tensors(layer), report)
         mask_seconds += seconds
         previous = layer_device
         hidden, out = out, hidden
+        if dense is not None:
+            dense.swap()
         if not config.layers_in_place:
             layer.to(home)
         reports.append(report)

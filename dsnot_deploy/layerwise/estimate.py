@@ -137,6 +137,10 @@ def _needs_hessian(prune: PruneConfig | None, measure_error: bool) -> bool:
     return prune is not None and (prune.needs_hessian or measure_error)
 
 
+ACTIVATIONS = "activations (2 x nsamples x seqlen x hidden)"
+DENSE_ACTIVATIONS = "the dense model's activations (2 x nsamples x seqlen x hidden)"
+
+
 def estimate(shape: ModelShape, run: RunShape, prune: PruneConfig | None, rates: Rates) -> Estimate:
     """Memory per place (the processing device, 'host', 'disk') and time per term, in bytes and seconds."""
     b = DTYPE_BYTES[run.dtype]
@@ -166,12 +170,11 @@ def estimate(shape: ModelShape, run: RunShape, prune: PruneConfig | None, rates:
     else:
         on_device["weights: whole model" + (f" / {run.n_devices} devices" if run.n_devices > 1 else "")] = (
             weights_all // max(run.n_devices, 1))
-    if run.activations == "device":
-        on_device["activations (2 x nsamples x seqlen x hidden)"] = act
-    elif run.activations == "cpu":
-        host["activations (2 x nsamples x seqlen x hidden)"] = act
-    else:
-        disk["activations (2 x nsamples x seqlen x hidden)"] = act
+    place = on_device if run.activations == "device" else host if run.activations == "cpu" else disk
+    place[ACTIVATIONS] = act
+    if prune is not None and prune.matches_dense_model:  # the dense stream beside the pruned one
+        place[DENSE_ACTIVATIONS] = act
+        stats += sum(c * c * F32 for c in shape.stat_inputs)  # X^T Xd per distinct input
     on_device["float32 statistics of one layer" + (" (with H)" if hessian else "")] = stats
     on_device["one forward batch (attention scores: eager/math upper bound)"] = forward
     on_device["mask working set of the largest Linear"] = prune_work
@@ -180,6 +183,8 @@ def estimate(shape: ModelShape, run: RunShape, prune: PruneConfig | None, rates:
         memory = {"cpu (host)": {**on_device, **host}, "disk": disk}
 
     passes = 2 if prune is not None else 1  # calibrate + propagate
+    if prune is not None and prune.matches_dense_model:
+        passes += 1  # the dense layer on the dense stream
     if prune is not None and prune.allocates:
         passes += 2  # the allocation's dense pass: statistics + propagation
     attn_flops = 4 * run.seqlen * shape.heads * shape.head_dim  # QK^T and AV per token

@@ -29,6 +29,8 @@ import torch
 from dsnot_deploy.algorithms.config import PruneConfig
 from dsnot_deploy.errors import UserInputError
 from dsnot_deploy.layerwise.estimate import (
+    ACTIVATIONS,
+    DENSE_ACTIVATIONS,
     DTYPE_BYTES,
     ModelShape,
     Rates,
@@ -39,7 +41,6 @@ from dsnot_deploy.layerwise.estimate import (
 log = logging.getLogger(__name__)
 
 _WEIGHTS_RESIDENT = "weights: whole model"
-_ACTIVATIONS = "activations (2 x nsamples x seqlen x hidden)"
 
 
 def available_host_bytes() -> int:
@@ -111,7 +112,8 @@ def memory_needs(
         needs.append(PlaceNeed(place, kept, available))
     disk: dict[Path, dict[str, int]] = {}
     if activations_dir is not None and run.activations == "disk":
-        disk.setdefault(Path(activations_dir), {})[_ACTIVATIONS] = est.memory["disk"][_ACTIVATIONS]
+        disk[Path(activations_dir)] = {k: v for k, v in est.memory["disk"].items()
+                                       if k in (ACTIVATIONS, DENSE_ACTIVATIONS)}
     if output_parent is not None:
         terms = disk.setdefault(Path(output_parent), {})
         terms["output checkpoint"] = shape.params * b

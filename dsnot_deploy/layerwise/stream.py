@@ -31,6 +31,7 @@ from torch import nn
 
 from dsnot_deploy.errors import UnsupportedModelError
 from dsnot_deploy.layerwise.capture import LayerCall, capture_layer_inputs, to_device
+from dsnot_deploy.layerwise.dense_stream import open_dense_stream
 from dsnot_deploy.layerwise.driver import (
     DriverConfig,
     DriverResult,
@@ -247,6 +248,13 @@ def release_host_memory() -> None:
 _MALLOC_TRIM = None
 
 
+def _buffers_to(layer: nn.Module, device: torch.device) -> None:
+    """Move the layer's buffers (rotary tables, ...) that the checkpoint does not hold to `device`."""
+    for name, buffer in list(layer.named_buffers()):
+        if buffer.device != device:
+            _set_tensor(layer, name, device)
+
+
 def _check_restored(index: int, saved: dict[str, torch.Tensor], layer: nn.Module) -> None:
     expected = {name: t.shape for name, t in layer.state_dict().items()}
     found = {name: t.shape for name, t in saved.items()}
@@ -300,6 +308,7 @@ def stream_layers(
         hidden, calls = capture_layer_inputs(skeleton, layers, samples, config.batch_size, device, store,
                                              pass_through=True, allocate=allocate)
     out = allocate(tuple(hidden.shape), hidden.dtype)
+    dense = open_dense_stream(hidden, allocate) if config.tracks_dense_model else None
     reports: list[LayerReport] = []
     mask_seconds = 0.0
     bar = open_bar(config.progress, "layers (streamed)", len(layers), unit="layer")
@@ -307,26 +316,27 @@ def stream_layers(
         prefix = _prefix(plan.layers_path, i)
         names = plan.layer_names[i]
         restored = state is not None and i < state.done
+        call = LayerCall(args=to_device(calls[i].args, device), kwargs=to_device(calls[i].kwargs, device))
+        if not restored or dense is not None:  # a restored layer's dense weights still feed the dense stream
+            from_ckpt = [nm for nm in names if nm not in plan.from_skeleton]
+            for name, tensor in checkpoint.load(from_ckpt, device, plan.dtypes, plan.shapes).items():
+                _set_tensor(layer, name[len(prefix):], device, value=tensor)
+            _buffers_to(layer, device)
         if restored:
+            if dense is not None:
+                propagate_restored(layer, dense.hidden, dense.out, call, config, device)
             saved, report = state.restore(i)
             _check_restored(i, saved, layer)
             for name, tensor in saved.items():
                 _set_tensor(layer, name, device, value=tensor.to(device))
-        else:
-            from_ckpt = [nm for nm in names if nm not in plan.from_skeleton]
-            for name, tensor in checkpoint.load(from_ckpt, device, plan.dtypes, plan.shapes).items():
-                _set_tensor(layer, name[len(prefix):], device, value=tensor)
-        for name, buffer in list(layer.named_buffers()):
-            if buffer.device != device:
-                _set_tensor(layer, name, device)
-        call = LayerCall(args=to_device(calls[i].args, device), kwargs=to_device(calls[i].kwargs, device))
+            _buffers_to(layer, device)
         if before_layer is not None:
             before_layer(i, layer, hidden, call, config)
         if restored:
             propagate_restored(layer, hidden, out, call, config, device)
             seconds = sum(lin.mask_seconds for lin in report.linears)
         else:
-            report, seconds = process_layer(i, layer, hidden, out, call, config, str(device))
+            report, seconds = process_layer(i, layer, hidden, out, call, config, str(device), dense)
             if state is not None:
                 state.save(i, layer_tensors(layer), report)
         mask_seconds += seconds
@@ -340,6 +350,8 @@ def stream_layers(
         _free_to_meta(layer)
         release_host_memory()
         hidden, out = out, hidden
+        if dense is not None:
+            dense.swap()
         reports.append(report)
         if on_layer_done is not None:
             on_layer_done(report)
