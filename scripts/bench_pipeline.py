@@ -36,7 +36,6 @@ from dsnot_deploy.algorithms.config import (  # noqa: E402
     PruneConfig,
     Refinement,
     SparsityPattern,
-    Target,
     Update,
 )
 from dsnot_deploy.algorithms.reconstruct import output_error  # noqa: E402
@@ -80,9 +79,12 @@ def parse_variant(text: str) -> PruneConfig | None:
             prune = replace(prune, refinement=Refinement.DSNOT)
         elif name == "exact":
             prune = replace(prune, refinement=Refinement.EXACT, exact=ExactConfig(shrink=float(value or 0)))
-        elif name == "admm":  # `admm@model`: reconstruction toward the dense model's outputs
-            target = Target(value or "layer")
-            prune = replace(prune, update=Update.ADMM, reconstruct=replace(prune.reconstruct, target=target))
+        elif name == "admm":  # `admm@modelA`: --model-correction A (`admm@model`: A = 1)
+            if value and not value.startswith("model"):
+                raise SystemExit(f"expected admm or admm@modelA in {text!r}")
+            strength = float(value[len("model"):] or 1) if value else 0.0
+            prune = replace(prune, update=Update.ADMM,
+                            reconstruct=replace(prune.reconstruct, model_correction=strength))
         elif name == "owl":
             prune = replace(prune, allocation=AllocationConfig(kind=Allocation.OWL))
         else:

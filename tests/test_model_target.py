@@ -1,4 +1,4 @@
-"""Reconstruction toward the dense model's outputs (`--reconstruct-target model`, algorithms.md 4c)."""
+"""Reconstruction toward the dense model's outputs (`--model-correction A`, algorithms.md 4c)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from dsnot_deploy.algorithms.config import (
     ReconstructConfig,
     Refinement,
     SparsityPattern,
-    Target,
     Update,
 )
 from dsnot_deploy.algorithms.masks import wanda_mask
@@ -44,27 +43,32 @@ def test_model_target_is_the_dense_weights_when_both_models_see_the_same_inputs(
     hessian = xs.T @ xs / xs.shape[0]
     dense = torch.randn(6, xs.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     torch.testing.assert_close(model_target(dense, hessian, hessian, 0.1), dense, rtol=0, atol=1e-10)
+    xd = _inputs(seed + 5)[1]
+    torch.testing.assert_close(model_target(dense, hessian, xs.T @ xd / xs.shape[0], 0.1, 0.0), dense, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("pattern", [SparsityPattern.unstructured(0.5), SparsityPattern.nm(2, 4)],
                          ids=lambda p: p.describe())
 @pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("strength", [1.0, 0.25])
 def test_reconstructing_toward_the_target_solves_the_dense_model_objective(pattern: SparsityPattern,
-                                                                          seed: int) -> None:
-    """Per row, min over w (zero off the mask) of ||X w - Xd wd||^2 / N + lambda ||w - wd||^2, solved directly."""
+                                                                          seed: int, strength: float) -> None:
+    """Per row, min over w (zero off the mask) of (1 - A) ||X (w - wd)||^2 / N + A ||X w - Xd wd||^2 / N
+    + lambda ||w - wd||^2, solved directly."""
     xs, xd = _inputs(seed)
     n = xs.shape[0]
     hessian, cross = xs.T @ xs / n, xs.T @ xd / n
     dense = torch.randn(6, xs.shape[1], generator=torch.Generator().manual_seed(10 + seed), dtype=torch.float64)
     mask = wanda_mask(dense.float(), hessian.diagonal().float(), pattern).bool()
     damping = 0.1
-    got = least_squares_reconstruct(model_target(dense, hessian, cross, damping), mask, hessian, damping)
+    got = least_squares_reconstruct(model_target(dense, hessian, cross, damping, strength), mask, hessian, damping)
     lam = float(damped_hessian(hessian, damping).diagonal().mean() - hessian.diagonal().mean())
     want = torch.zeros_like(dense)
     for r in range(dense.shape[0]):
         k = mask[r]
         lhs = hessian[k][:, k] + lam * torch.eye(int(k.sum()), dtype=torch.float64)
-        want[r, k] = torch.linalg.solve(lhs, (cross @ dense[r])[k] + lam * dense[r, k])
+        mixed = (1 - strength) * hessian + strength * cross
+        want[r, k] = torch.linalg.solve(lhs, (mixed @ dense[r])[k] + lam * dense[r, k])
     assert (got - want).abs().max() < 1e-8
     assert bool((got[~mask] == 0).all())
     # and it fits the dense model's outputs better than matching the dense Linear on the same inputs does
@@ -88,7 +92,7 @@ def test_cross_statistics_pair_the_same_tokens() -> None:
 
 def test_model_target_needs_the_admm_update() -> None:
     with pytest.raises(UserInputError, match="--update admm"):
-        PruneConfig(update=Update.NONE, reconstruct=ReconstructConfig(target=Target.MODEL))
+        PruneConfig(update=Update.NONE, reconstruct=ReconstructConfig(model_correction=0.5))
 
 
 def _linear_inputs(model, ids: torch.Tensor, suffix: str) -> dict[int, torch.Tensor]:
@@ -118,7 +122,8 @@ def test_driver_pairs_each_layer_with_the_dense_models_inputs(arch: str, monkeyp
     seen: dict[int, torch.Tensor] = {}
     real = pruner.model_target
     calls: list[torch.Tensor] = []
-    monkeypatch.setattr(pruner, "model_target", lambda d, h, c, p: (calls.append(c.clone()), real(d, h, c, p))[1])
+    monkeypatch.setattr(pruner, "model_target",
+                        lambda d, h, c, p, a: (calls.append(c.clone()), real(d, h, c, p, a))[1])
     real_prune = driver_module.prune_linear
 
     def prune_linear(name, weight, stats, config, refine):
@@ -129,7 +134,7 @@ def test_driver_pairs_each_layer_with_the_dense_models_inputs(arch: str, monkeyp
 
     monkeypatch.setattr(driver_module, "prune_linear", prune_linear)
     prune = PruneConfig(method=Method.WANDA, pattern=SparsityPattern.unstructured(0.5), refinement=Refinement.NONE,
-                        reconstruct=ReconstructConfig(target=Target.MODEL))
+                        reconstruct=ReconstructConfig(model_correction=0.25))
     _, layers = find_decoder_layers(model)
     run_layers(model, layers, ids, DriverConfig(prune=prune, batch_size=2, progress=False))
     assert len(calls) == 7 * len(layers)  # every Linear was reconstructed toward the dense model
@@ -140,3 +145,20 @@ def test_driver_pairs_each_layer_with_the_dense_models_inputs(arch: str, monkeyp
         want = sparse_inputs[i].T @ dense_inputs[i] / ids.shape[0]
         torch.testing.assert_close(seen[i], want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
     assert not torch.allclose(sparse_inputs[len(layers) - 1], dense_inputs[len(layers) - 1])
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--model-correction", "1.5"), "model correction in [0, 1]"),
+    (("--model-correction", "0.25", "--update", "none"), "--update admm with --model-correction"),
+])
+def test_refine_rejects_a_bad_model_correction(tmp_path: Path, capsys, extra, message) -> None:
+    from dsnot_deploy.cli import main
+    from tests.reliability_helpers import TEXT, refine_args
+    from tests.tiny_models import save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "c")
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    assert main(refine_args(ckpt, text, tmp_path / "out", *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

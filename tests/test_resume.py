@@ -52,8 +52,8 @@ def _fail_at(monkeypatch: pytest.MonkeyPatch, module, layer: int) -> list[int]:
                                       "--measure-error")),
     ("stream", stream, ("--method", "wanda", "--sparsity", "0.6", "--stream")),
     # the dense stream (reconstruction toward the dense model) must advance through restored layers too
-    ("memory-model-target", driver, ("--method", "wanda", "--sparsity", "0.6", "--reconstruct-target", "model")),
-    ("stream-model-target", stream, ("--method", "wanda", "--sparsity", "0.6", "--reconstruct-target", "model",
+    ("memory-model-target", driver, ("--method", "wanda", "--sparsity", "0.6", "--model-correction", "0.25")),
+    ("stream-model-target", stream, ("--method", "wanda", "--sparsity", "0.6", "--model-correction", "0.25",
                                      "--stream")),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny, tmp_path: Path, monkeypatch, capsys,

@@ -43,16 +43,6 @@ class Solver(str, Enum):
     AUTO = "auto"  # ADMM below ReconstructConfig.cg_from_cols input columns, CG from there
 
 
-class Target(str, Enum):
-    """What the reconstruction matches (algorithms.md section 4c)."""
-
-    # the dense Linear on the inputs it sees in the pruned model: ||(Wd - W) X||^2, X from the pruned prefix
-    LAYER = "layer"
-    # the dense model itself: ||Wd Xd - W X||^2, Xd the same tokens' inputs in the dense model, so each
-    # Linear also corrects the error the pruned layers before it left in its inputs
-    MODEL = "model"
-
-
 class Allocation(str, Enum):
     """How the target sparsity is spread over the decoder layers (docs/allocation.md)."""
 
@@ -194,16 +184,17 @@ class ReconstructConfig:
     cg_from_cols: int = 2048
     cg_iterations: int = 20  # CG steps at most
     cg_tol: float = 1e-5  # CG stops once a step lowers the damped objective by less than this fraction of it
-    # LAYER: match the dense Linear on the pruned prefix's inputs; MODEL: match the dense model's outputs
-    # (the driver then also runs the dense model's layers on their own inputs, one more forward per layer)
-    target: Target = Target.LAYER
+    # 0: match the dense Linear on the inputs it sees in the pruned model; A in (0, 1]: minimise
+    # (1 - A) x that + A x the error against the dense *model's* outputs, which also corrects the error the
+    # layers pruned before left in the inputs (the driver then carries the dense model's activations too)
+    model_correction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or not self.rho > 0 or not self.growth >= 1 or not self.damping >= 0 or self.rounds < 1:
             raise UserInputError(f"expected iterations >= 1, rho > 0, growth >= 1, damping >= 0 and rounds >= 1; "
                                  f"found {self}")
-        if not isinstance(self.target, Target):
-            raise UserInputError(f"expected a reconstruction Target; found {self.target!r}")
+        if not 0.0 <= self.model_correction <= 1.0:
+            raise UserInputError(f"expected the model correction in [0, 1]; found {self.model_correction}")
         if not isinstance(self.solver, Solver) or self.cg_from_cols < 1 or self.cg_iterations < 1 \
                 or not self.cg_tol >= 0:
             raise UserInputError(f"expected a Solver, cg_from_cols >= 1, cg_iterations >= 1 and cg_tol >= 0; "
@@ -260,14 +251,13 @@ class PruneConfig:
             raise UserInputError(f"expected --refine exact and --update admm for {self.reconstruct.rounds} rounds of "
                                  f"search and reconstruction; found --refine {self.refinement.value} and --update "
                                  f"{self.update.value}")
-        if self.reconstruct.target is Target.MODEL and self.update is not Update.ADMM:
-            raise UserInputError(f"expected --update admm with --reconstruct-target model; found --update "
-                                 f"{self.update.value}")
+        if self.reconstruct.model_correction and self.update is not Update.ADMM:
+            raise UserInputError(f"expected --update admm with --model-correction; found --update {self.update.value}")
 
     @property
     def matches_dense_model(self) -> bool:
         """True when the reconstruction matches the dense model's outputs (the driver keeps a dense stream)."""
-        return self.update is Update.ADMM and self.reconstruct.target is Target.MODEL
+        return self.update is Update.ADMM and self.reconstruct.model_correction > 0
 
     @property
     def allocates(self) -> bool:

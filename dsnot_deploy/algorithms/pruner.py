@@ -111,11 +111,12 @@ def select_weights(weight: torch.Tensor, stats: ChannelStats, config: PruneConfi
         mask = result.mask
     if config.update is Update.ADMM:
         assert hessian is not None
-        target = dense  # what reconstruction matches: the dense Linear, or (MODEL) the dense model's outputs
+        target = dense  # what reconstruction matches: the dense Linear, or (in part) the dense model's outputs
         if config.matches_dense_model:
             if stats.cross is None:
-                raise ValueError("--reconstruct-target model needs statistics against the dense model's inputs")
-            target = model_target(dense, hessian, stats.cross.to(dense.device), config.reconstruct.damping).float()
+                raise ValueError("--model-correction needs statistics against the dense model's inputs")
+            target = model_target(dense, hessian, stats.cross.to(dense.device), config.reconstruct.damping,
+                                  config.reconstruct.model_correction).float()
         sparse = reconstruct(target, sparse, mask, hessian, config.reconstruct).float()
         errors = None  # the refinement's (init, final) no longer describe the final weights
         for _ in range(config.reconstruct.rounds - 1 if refinement is Refinement.EXACT else 0):

@@ -36,16 +36,18 @@ def damped_hessian(hessian: torch.Tensor, damping: float) -> torch.Tensor:
     return hd
 
 
-def model_target(dense: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damping: float) -> torch.Tensor:
-    """The dense weights ``T`` whose layer objective ``tr((W - T) Hd (W - T)^T)`` equals, up to a constant,
-    ``||W X - Wd Xd||^2 / B + lambda ||W - Wd||^2``: the pruned Linear matches the dense *model's* outputs
-    (``Xd``: the same tokens' inputs in the dense model, ``cross = X^T Xd / B``), with the ridge pulling it
-    toward ``Wd``. ``T = Wd + Wd (C^T - H) Hd^-1``; with ``Xd = X`` it is ``Wd``."""
+def model_target(dense: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damping: float,
+                 strength: float = 1.0) -> torch.Tensor:
+    """The weights ``T`` whose layer objective ``tr((W - T) Hd (W - T)^T)`` equals, up to a constant,
+    ``(1 - A) ||(Wd - W) X||^2 / B + A ||Wd Xd - W X||^2 / B + lambda ||W - Wd||^2`` (``A = strength``):
+    with ``A = 1`` the pruned Linear matches the dense *model's* outputs (``Xd``: the same tokens' inputs
+    in the dense model, ``cross = X^T Xd / B``), with the ridge pulling toward ``Wd``.
+    ``T = Wd + A Wd (C^T - H) Hd^-1``; with ``Xd = X`` or ``A = 0`` it is ``Wd``."""
     hd = damped_hessian(hessian, damping)
     wd = dense.to(hd.dtype)
-    shift = wd @ (cross.T - hessian).to(hd.dtype)  # (rows, cols); Hd is symmetric, so T - Wd = shift Hd^-1
+    shift = wd @ (cross.T - hessian).to(hd.dtype)  # (rows, cols); Hd is symmetric, so T - Wd = A shift Hd^-1
     factor = torch.linalg.cholesky(hd)
-    return wd + torch.cholesky_solve(shift.T, factor).T
+    return wd + strength * torch.cholesky_solve(shift.T, factor).T
 
 
 def output_error(dense: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:

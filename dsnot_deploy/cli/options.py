@@ -61,11 +61,11 @@ def add_refine_options(p: argparse.ArgumentParser) -> None:
                         "Linear, --admm-iterations steps), cg (conjugate gradients on the kept weights, one "
                         "product per step, no factorisation), auto = admm below 2048 input columns, cg from there "
                         "(default; as good on held-out error and ~4x cheaper at 8B widths, docs/bench_scale.md)")
-    u.add_argument("--reconstruct-target", default="layer", choices=["layer", "model"],
-                   help="what --update admm matches: layer = the dense Linear on the pruned model's inputs "
-                        "(default); model = the dense model's own outputs, so each Linear also corrects the "
-                        "error of the layers pruned before it (one more forward per layer, twice the "
-                        "activation memory)")
+    u.add_argument("--model-correction", type=float, default=0.0, metavar="A",
+                   help="with --update admm: reconstruct each Linear toward (1-A) x the dense Linear on the pruned "
+                        "model's inputs + A x the dense model's own outputs, so it also corrects the error of the "
+                        "layers pruned before it (0 = off, default; costs one more forward per layer and twice "
+                        "the activation memory; measured in docs/decisions.md)")
     u.add_argument("--admm-iterations", type=int, default=40, help="ADMM steps per Linear (default 40)")
     u.add_argument("--cg-iterations", type=int, default=20, help="CG steps per Linear at most (default 20)")
     u.add_argument("--rounds", type=int, default=1,
@@ -178,7 +178,6 @@ def prune_config(args: argparse.Namespace) -> Any:
         Refinement,
         Solver,
         SparsityPattern,
-        Target,
         Update,
         VarianceKind,
     )
@@ -204,7 +203,7 @@ def prune_config(args: argparse.Namespace) -> Any:
         update=Update(args.update),
         reconstruct=ReconstructConfig(iterations=args.admm_iterations, rounds=args.rounds,
                                       solver=Solver(args.reconstruct_solver), cg_iterations=args.cg_iterations,
-                                      target=Target(args.reconstruct_target)),
+                                      model_correction=args.model_correction),
         allocation=AllocationConfig(kind=Allocation(args.allocation), outlier_threshold=args.owl_threshold,
                                     spread=args.owl_spread),
     )

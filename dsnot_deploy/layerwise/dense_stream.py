@@ -1,6 +1,6 @@
-"""The dense model's own activations, carried beside the pruned model's (``--reconstruct-target model``).
+"""The dense model's own activations, carried beside the pruned model's (``--model-correction``).
 
-Reconstruction that matches the dense *model* (``Target.MODEL``) needs, for every Linear, the inputs the
+Reconstruction that matches (in part) the dense *model* needs, for every Linear, the inputs the
 same calibration tokens have in the dense model. The driver keeps a second pair of activation buffers:
 each decoder layer, still dense when it is calibrated, is run once more on the dense stream's inputs,
 and that forward both feeds the Linears' hooks (the dense inputs, paired token by token with the pruned
