@@ -34,6 +34,7 @@ from dsnot_deploy.algorithms.config import (  # noqa: E402
     ExactConfig,
     Method,
     PruneConfig,
+    ReconstructConfig,
     Refinement,
     SparsityPattern,
     Update,
@@ -72,7 +73,8 @@ def parse_variant(text: str) -> PruneConfig | None:
     # every field the grammar can change is set explicitly, so a change of the library's defaults
     # does not change what a cached row means
     prune = PruneConfig(method=Method(head), refinement=Refinement.NONE, update=Update.NONE,
-                        exact=ExactConfig(shrink=0.0), allocation=AllocationConfig(kind=Allocation.UNIFORM))
+                        exact=ExactConfig(shrink=0.0), allocation=AllocationConfig(kind=Allocation.UNIFORM),
+                        reconstruct=ReconstructConfig(model_correction=0.0))
     for part in rest:
         name, _, value = part.partition("@")
         if name == "dsnot":

@@ -90,9 +90,12 @@ def test_cross_statistics_pair_the_same_tokens() -> None:
         accumulate(st, xs[:4].float())
 
 
-def test_model_target_needs_the_admm_update() -> None:
-    with pytest.raises(UserInputError, match="--update admm"):
-        PruneConfig(update=Update.NONE, reconstruct=ReconstructConfig(model_correction=0.5))
+def test_model_correction_needs_the_admm_update_and_a_strength_in_range() -> None:
+    assert not PruneConfig(update=Update.NONE).matches_dense_model  # the default strength only applies to ADMM
+    assert PruneConfig(update=Update.ADMM).matches_dense_model
+    assert not PruneConfig(reconstruct=ReconstructConfig(model_correction=0.0)).matches_dense_model
+    with pytest.raises(UserInputError, match=r"in \[0, 1\]"):
+        ReconstructConfig(model_correction=-0.1)
 
 
 def _linear_inputs(model, ids: torch.Tensor, suffix: str) -> dict[int, torch.Tensor]:

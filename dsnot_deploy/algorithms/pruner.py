@@ -111,10 +111,10 @@ def select_weights(weight: torch.Tensor, stats: ChannelStats, config: PruneConfi
         mask = result.mask
     if config.update is Update.ADMM:
         assert hessian is not None
-        target = dense  # what reconstruction matches: the dense Linear, or (in part) the dense model's outputs
-        if config.matches_dense_model:
-            if stats.cross is None:
-                raise ValueError("--model-correction needs statistics against the dense model's inputs")
+        # what reconstruction matches: the dense Linear, or in part the dense model's outputs; statistics
+        # without the dense model's inputs (a Linear pruned on its own) mean Xd = X, where the target is Wd
+        target = dense
+        if config.matches_dense_model and stats.cross is not None:
             target = model_target(dense, hessian, stats.cross.to(dense.device), config.reconstruct.damping,
                                   config.reconstruct.model_correction).float()
         sparse = reconstruct(target, sparse, mask, hessian, config.reconstruct).float()

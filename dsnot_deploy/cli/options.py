@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dsnot_deploy.algorithms.config import DEFAULT_MODEL_CORRECTION
 from dsnot_deploy.cli.common import add_logging_options, progress_for
 from dsnot_deploy.errors import UserInputError
 from dsnot_deploy.protocols import PROTOCOLS
@@ -61,11 +62,12 @@ def add_refine_options(p: argparse.ArgumentParser) -> None:
                         "Linear, --admm-iterations steps), cg (conjugate gradients on the kept weights, one "
                         "product per step, no factorisation), auto = admm below 2048 input columns, cg from there "
                         "(default; as good on held-out error and ~4x cheaper at 8B widths, docs/bench_scale.md)")
-    u.add_argument("--model-correction", type=float, default=0.0, metavar="A",
+    u.add_argument("--model-correction", type=float, default=None, metavar="A",
                    help="with --update admm: reconstruct each Linear toward (1-A) x the dense Linear on the pruned "
                         "model's inputs + A x the dense model's own outputs, so it also corrects the error of the "
-                        "layers pruned before it (0 = off, default; costs one more forward per layer and twice "
-                        "the activation memory; measured in docs/decisions.md)")
+                        f"layers pruned before it (default {DEFAULT_MODEL_CORRECTION}, chosen on held-out text, "
+                        "docs/decisions.md; 0 = off, which saves one forward per layer and half the activation "
+                        "memory)")
     u.add_argument("--admm-iterations", type=int, default=40, help="ADMM steps per Linear (default 40)")
     u.add_argument("--cg-iterations", type=int, default=20, help="CG steps per Linear at most (default 20)")
     u.add_argument("--rounds", type=int, default=1,
@@ -186,6 +188,12 @@ def prune_config(args: argparse.Namespace) -> Any:
         pattern = SparsityPattern.parse(args.pattern)
     else:
         pattern = SparsityPattern.unstructured(0.5 if args.sparsity is None else args.sparsity)
+    update = Update(args.update)
+    correction = args.model_correction
+    if correction is None:
+        correction = DEFAULT_MODEL_CORRECTION if update is Update.ADMM else 0.0
+    elif correction and update is not Update.ADMM:
+        raise UserInputError(f"expected --update admm with --model-correction; found --update {update.value}")
     return PruneConfig(
         method=Method(args.method),
         pattern=pattern,
@@ -200,10 +208,10 @@ def prune_config(args: argparse.Namespace) -> Any:
         ),
         exact=ExactConfig(max_swaps=args.exact_max_swaps, top_k=args.exact_top_k, shrink=args.exact_shrink),
         skip_refine_groups=tuple(args.skip_refine),
-        update=Update(args.update),
+        update=update,
         reconstruct=ReconstructConfig(iterations=args.admm_iterations, rounds=args.rounds,
                                       solver=Solver(args.reconstruct_solver), cg_iterations=args.cg_iterations,
-                                      model_correction=args.model_correction),
+                                      model_correction=correction),
         allocation=AllocationConfig(kind=Allocation(args.allocation), outlier_threshold=args.owl_threshold,
                                     spread=args.owl_spread),
     )
