@@ -353,7 +353,7 @@ def run_layers(
         if state is not None and i < state.done:
             tensors, report = state.restore(i)
             if dense is not None:  # the layer is still dense here: advance the dense stream first
-                _run_layer(layer, dense.hidden, call, config.batch_size, str(layer_device), dense.out)
+                propagate_restored(layer, dense.hidden, dense.out, call, config, layer_device)
             layer.load_state_dict(tensors, strict=True)
             propagate_restored(layer, hidden, out, call, config, layer_device)
             seconds = sum(lin.mask_seconds for lin in report.linears)
