@@ -6,8 +6,9 @@ A variant is written like `wanda+exact@0.3+admm+owl`: the initial mask (magnitud
 or `dense`), then any of `dsnot`, `exact` (`exact@A`: the search judges swaps on (1-A) H + A diag H),
 `admm` (weight reconstruction), `owl` (layer-wise allocation). Each (variant, pattern) is refined
 on the calibration windows and scored, paper protocol, on every `--texts` entry; the held-out
-layer output error (every Linear, on `--heldout` windows run through the pruned model) is kept
-too. Each finished row is appended to `--cache` at once, so an interrupted grid continues where
+errors are kept too: per layer, the local one (every Linear against its dense weights, on `--heldout`
+windows run through the pruned model) and the model-level one (the layer's output hidden state
+against the dense model's on the same windows). Each finished row is appended to `--cache` at once, so an interrupted grid continues where
 it stopped; `--report` rewrites docs/NAME.{md,json,png} from the cache (scripts/pipeline_report.py).
 
     python scripts/bench_pipeline.py --variants wanda wanda+admm wanda+admm+owl --patterns 0.5 2:4
@@ -94,14 +95,30 @@ def parse_variant(text: str) -> PruneConfig | None:
     return prune
 
 
+def layer_outputs(model, layers, windows: torch.Tensor) -> list[torch.Tensor]:
+    """Every decoder layer's output hidden states on `windows`, the model as it stands."""
+    hidden, calls = capture_layer_inputs(model, layers, windows, 1, "cpu", "cpu")
+    out = torch.empty_like(hidden)
+    outputs = []
+    for i, layer in enumerate(layers):
+        call = LayerCall(args=to_device(calls[i].args, "cpu"), kwargs=to_device(calls[i].kwargs, "cpu"))
+        _run_layer(layer, hidden, call, 1, "cpu", out)
+        outputs.append(out.clone())
+        hidden, out = out, hidden
+    return outputs
+
+
 def heldout_layer_errors(model, layers, dense_state: dict[str, torch.Tensor], layers_path: str,
-                         windows: torch.Tensor) -> list[float]:
-    """Per decoder layer: mean over its Linears of sum_i dw_i^T H dw_i / sum_i wd_i^T H wd_i, H from the
-    held-out windows as the (pruned) model itself feeds them to the layer."""
+                         windows: torch.Tensor, dense_outputs: list[torch.Tensor]
+                         ) -> tuple[list[float], list[float]]:
+    """Per decoder layer, two errors on the held-out windows as the (pruned) model feeds them:
+    local, the mean over its Linears of sum_i dw_i^T H dw_i / sum_i wd_i^T H wd_i (H from the layer's
+    own inputs); and model-level, ||h - h_dense||^2 / ||h_dense||^2 of the layer's output against the
+    dense model's output on the same windows (`dense_outputs`), the error perplexity follows."""
     hidden, calls = capture_layer_inputs(model, layers, windows, 1, "cpu", "cpu")
     out = torch.empty_like(hidden)
     cfg = DriverConfig(prune=PruneConfig(), progress=False)
-    errors = []
+    errors, model_errors = [], []
     for i, layer in enumerate(layers):
         call = LayerCall(args=to_device(calls[i].args, "cpu"), kwargs=to_device(calls[i].kwargs, "cpu"))
         linears = _linears(layer)
@@ -114,8 +131,10 @@ def heldout_layer_errors(model, layers, dense_state: dict[str, torch.Tensor], la
         errors.append(sum(rel) / len(rel))
         del stats
         _run_layer(layer, hidden, call, 1, "cpu", out)
+        ref = dense_outputs[i].double()
+        model_errors.append(float(((out.double() - ref) ** 2).sum() / (ref ** 2).sum()))
         hidden, out = out, hidden
-    return errors
+    return errors, model_errors
 
 
 def parse_args() -> argparse.Namespace:
@@ -159,6 +178,8 @@ def main() -> None:
     n_held = args.heldout_windows * args.eval_seqlen
     # the held-out windows are taken from the end of the text, away from the scored chunks
     held = held_ids[-n_held:].view(args.heldout_windows, args.eval_seqlen)
+    with torch.no_grad():
+        dense_held = layer_outputs(model, layers, held)
     for variant in args.variants:
         base = parse_variant(variant)
         for pattern_text in (args.patterns if base is not None else ["-"]):
@@ -179,7 +200,8 @@ def main() -> None:
                 row["sparsity"] = sum(lin.zeros for lin in linears) / sum(lin.rows * lin.cols for lin in linears)
                 row["layer_sparsity"] = [sum(lin.zeros for lin in layer.linears) /
                                          sum(lin.rows * lin.cols for lin in layer.linears) for layer in result.layers]
-                row["heldout_layer_error"] = heldout_layer_errors(model, layers, dense_state, layers_path, held)
+                row["heldout_layer_error"], row["heldout_model_error"] = heldout_layer_errors(
+                    model, layers, dense_state, layers_path, held, dense_held)
             for name, ids in eval_ids.items():
                 chunks = args.valid_chunks if name == "wiki-valid" else args.eval_chunks
                 row[f"ppl:{name}"] = perplexity_paper(model, ids, args.eval_seqlen, max_chunks=chunks,

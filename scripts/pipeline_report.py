@@ -4,7 +4,8 @@
 Per model: perplexity of every variant at every pattern on every text; the best baseline cell (the
 best of Wanda, SparseGPT, Wanda+DSnoT, SparseGPT+DSnoT) against the candidate chosen on WikiText-2
 *validation* (per pattern, among the non-baseline variants), reported on the test texts with the
-issue's targets; held-out layer errors against every baseline's, layer by layer; time ratios.
+issue's targets; held-out layer errors against every baseline's, layer by layer (local, and against
+the dense model's layer outputs where the rows have it); time ratios.
 
     python scripts/pipeline_report.py docs/bench_pipeline.rows.jsonl --name bench_pipeline
 """
@@ -74,6 +75,10 @@ def summarise(rows: list[dict]) -> dict:
                 entry["heldout_layers_below_every_baseline"] = sum(
                     m < min(e[i] for e in errors) for i, m in enumerate(mine_err))
                 entry["layers"] = len(mine_err)
+                key = "heldout_model_error"  # rows from before it was measured lack it
+                if all(key in cells[v] for v in [*present, chosen]):
+                    entry["heldout_model_layers_below_every_baseline"] = sum(
+                        m < min(cells[b][key][i] for b in present) for i, m in enumerate(cells[chosen][key]))
                 entry["time_ratio"] = {b: cells[chosen]["refine_seconds"] / cells[b]["refine_seconds"]
                                        for b in ("wanda", "sparsegpt") if b in cells}
             per_pattern[pattern] = entry
@@ -117,6 +122,9 @@ def markdown(summary: dict, name: str) -> str:
                 lines.append(f"- held-out layer error below every baseline's in {p['heldout_layers_below_every_baseline']}"
                              f" of {p['layers']} layers; refine time "
                              + ", ".join(f"/ {b}'s {r:.2f}" for b, r in p["time_ratio"].items()))
+            if "heldout_model_layers_below_every_baseline" in p:
+                lines.append(f"- held-out layer output error against the dense model's below every baseline's in "
+                             f"{p['heldout_model_layers_below_every_baseline']} of {p['layers']} layers")
             lines.append("")
     return "\n".join(lines)
 
