@@ -114,12 +114,13 @@ def test_allocation_config_and_nm_patterns() -> None:
 
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.6, 0.7, 0.8])
 def test_auto_allocation_is_owl_from_the_measured_sparsity(sparsity: float) -> None:
-    auto = AllocationConfig()  # the default
-    assert auto.kind is Allocation.AUTO
+    assert AllocationConfig().kind is Allocation.UNIFORM  # the default (docs/decisions.md)
+    auto = AllocationConfig(kind=Allocation.AUTO)
     pattern = SparsityPattern.unstructured(sparsity)
     expected = Allocation.OWL if sparsity >= OWL_FROM_SPARSITY else Allocation.UNIFORM
     assert auto.resolved(pattern) is expected
-    assert PruneConfig(pattern=pattern).allocates is (expected is Allocation.OWL)
+    assert PruneConfig(pattern=pattern, allocation=auto).allocates is (expected is Allocation.OWL)
+    assert not PruneConfig(pattern=pattern).allocates
     assert auto.resolved(SparsityPattern.nm(2, 4)) is Allocation.UNIFORM
     assert OWL.resolved(pattern) is Allocation.OWL and UNIFORM.resolved(pattern) is Allocation.UNIFORM
 
@@ -231,11 +232,12 @@ def test_pipeline_name_lists_the_steps_that_ran() -> None:
 
 
 def test_auto_allocation_in_the_refine_job(tiny, tmp_path: Path) -> None:
-    below = _refine(tiny, tmp_path / "b", method=Method.WANDA, refinement=Refinement.NONE,
+    auto = AllocationConfig(kind=Allocation.AUTO)
+    below = _refine(tiny, tmp_path / "b", method=Method.WANDA, refinement=Refinement.NONE, allocation=auto,
                     pattern=SparsityPattern.unstructured(round(OWL_FROM_SPARSITY - 0.1, 2)))
     assert below["allocation"]["kind"] == "uniform" and below["allocation"]["requested"] == "auto"
     assert "auto allocation is OWL from" in below["allocation"]["reason"]
-    above = _refine(tiny, tmp_path / "a", method=Method.WANDA, refinement=Refinement.NONE,
+    above = _refine(tiny, tmp_path / "a", method=Method.WANDA, refinement=Refinement.NONE, allocation=auto,
                     pattern=SparsityPattern.unstructured(OWL_FROM_SPARSITY))
     assert above["allocation"]["kind"] == "owl" and above["allocation"]["requested"] == "auto"
     layers = [layer["sparsity"] for layer in above["sparsity"]["per_layer"]]

@@ -51,8 +51,10 @@ class Allocation(str, Enum):
     AUTO = "auto"  # the measured choice per pattern: OWL from OWL_FROM_SPARSITY up, else uniform
 
 
-# `--allocation auto` switches to OWL at this unstructured sparsity and above: the pipeline grid
-# (docs/bench_pipeline.md, chosen on WikiText-2 validation) found OWL worse at 50% and better at 70%.
+# `--allocation auto` (opt-in) switches to OWL at this unstructured sparsity and above: the pipeline grid
+# (docs/bench_pipeline.md, WikiText-2 validation) found OWL worse at 50% and better at 70% on SmolLM2
+# without model correction. With the default model correction OWL lost at 70% on Gemma3-270M, so the
+# default allocation is uniform (docs/decisions.md).
 OWL_FROM_SPARSITY = 0.7
 
 
@@ -211,7 +213,7 @@ class AllocationConfig:
     """Layer-wise allocation; OWL's outlier threshold M and spread lambda default to the paper's
     LLaMA values (M = 5, lambda = 0.08). N:M patterns are per-group rules and always uniform."""
 
-    kind: Allocation = Allocation.AUTO
+    kind: Allocation = Allocation.UNIFORM
     outlier_threshold: float = 5.0
     spread: float = 0.08
 

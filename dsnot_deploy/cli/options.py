@@ -106,12 +106,13 @@ def add_refine_options(p: argparse.ArgumentParser) -> None:
                          "--quantize (Q4_0/Q5_0/Q8_0; presets keep their Q8_0 embedding). Default: QuantizeConfig's "
                          "(docs/quantize.md)")
     a = p.add_argument_group("layer-wise allocation (unstructured patterns)")
-    a.add_argument("--allocation", default="auto", choices=["auto", "uniform", "owl"],
+    a.add_argument("--allocation", default="uniform", choices=["auto", "uniform", "owl"],
                    help="owl = each decoder layer's sparsity from its share of outlier activations-times-weights "
                         "(OWL; measured on the dense model, one extra pass), the model's pruned-weight count "
-                        "unchanged; uniform = every layer at the target; auto = owl from "
-                        f"{OWL_FROM_SPARSITY:g} sparsity up, uniform below, as measured (default). N:M stays "
-                        "uniform")
+                        "unchanged; uniform = every layer at the target (default: with the default model "
+                        "correction OWL lost at 70%% on Gemma3-270M, docs/decisions.md); auto = owl from "
+                        f"{OWL_FROM_SPARSITY:g} sparsity up, uniform below (SmolLM2's rule without model "
+                        "correction). N:M stays uniform")
     a.add_argument("--owl-threshold", type=float, default=5.0, metavar="M",
                    help="OWL: a score is an outlier above M x its layer's mean score (default 5, the paper's)")
     a.add_argument("--owl-spread", type=float, default=0.08, metavar="LAMBDA",
