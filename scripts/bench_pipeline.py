@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
@@ -95,17 +96,21 @@ def parse_variant(text: str) -> PruneConfig | None:
     return prune
 
 
-def layer_outputs(model, layers, windows: torch.Tensor) -> list[torch.Tensor]:
-    """Every decoder layer's output hidden states on `windows`, the model as it stands."""
+def walk_layers(model, layers, windows: torch.Tensor) -> Iterator[tuple[int, Any, torch.Tensor, LayerCall, torch.Tensor]]:
+    """Each decoder layer run on `windows`, the model as it stands: (index, layer, its input hidden
+    states, its call, its output). The two buffers are reused: copy what must outlive the step."""
     hidden, calls = capture_layer_inputs(model, layers, windows, 1, "cpu", "cpu")
     out = torch.empty_like(hidden)
-    outputs = []
     for i, layer in enumerate(layers):
         call = LayerCall(args=to_device(calls[i].args, "cpu"), kwargs=to_device(calls[i].kwargs, "cpu"))
         _run_layer(layer, hidden, call, 1, "cpu", out)
-        outputs.append(out.clone())
+        yield i, layer, hidden, call, out
         hidden, out = out, hidden
-    return outputs
+
+
+def layer_outputs(model, layers, windows: torch.Tensor) -> list[torch.Tensor]:
+    """Every decoder layer's output hidden states on `windows`, the model as it stands."""
+    return [out.clone() for *_, out in walk_layers(model, layers, windows)]
 
 
 def heldout_layer_errors(model, layers, dense_state: dict[str, torch.Tensor], layers_path: str,
@@ -115,12 +120,9 @@ def heldout_layer_errors(model, layers, dense_state: dict[str, torch.Tensor], la
     local, the mean over its Linears of sum_i dw_i^T H dw_i / sum_i wd_i^T H wd_i (H from the layer's
     own inputs); and model-level, ||h - h_dense||^2 / ||h_dense||^2 of the layer's output against the
     dense model's output on the same windows (`dense_outputs`), the error perplexity follows."""
-    hidden, calls = capture_layer_inputs(model, layers, windows, 1, "cpu", "cpu")
-    out = torch.empty_like(hidden)
     cfg = DriverConfig(prune=PruneConfig(), progress=False)
     errors, model_errors = [], []
-    for i, layer in enumerate(layers):
-        call = LayerCall(args=to_device(calls[i].args, "cpu"), kwargs=to_device(calls[i].kwargs, "cpu"))
+    for i, layer, hidden, call, out in walk_layers(model, layers, windows):
         linears = _linears(layer)
         stats = _calibrate(layer, linears, hidden, call, cfg, True)
         rel = []
@@ -130,10 +132,8 @@ def heldout_layer_errors(model, layers, dense_state: dict[str, torch.Tensor], la
             rel.append(output_error(dense, mod.weight.detach().float(), h) / output_error(dense, 0 * dense, h))
         errors.append(sum(rel) / len(rel))
         del stats
-        _run_layer(layer, hidden, call, 1, "cpu", out)
         ref = dense_outputs[i].double()
         model_errors.append(float(((out.double() - ref) ** 2).sum() / (ref ** 2).sum()))
-        hidden, out = out, hidden
     return errors, model_errors
 
 
@@ -178,8 +178,7 @@ def main() -> None:
     n_held = args.heldout_windows * args.eval_seqlen
     # the held-out windows are taken from the end of the text, away from the scored chunks
     held = held_ids[-n_held:].view(args.heldout_windows, args.eval_seqlen)
-    with torch.no_grad():
-        dense_held = layer_outputs(model, layers, held)
+    dense_held = layer_outputs(model, layers, held)
     for variant in args.variants:
         base = parse_variant(variant)
         for pattern_text in (args.patterns if base is not None else ["-"]):

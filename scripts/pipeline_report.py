@@ -47,6 +47,11 @@ def choose(cells: dict[str, dict], text: str) -> str | None:
     return min(ties, key=lambda v: (v.count("+"), candidates[v][f"ppl:{text}"]))
 
 
+def layers_below_every(mine: list[float], baselines: list[list[float]]) -> int:
+    """How many layers of `mine` are below every baseline's same layer."""
+    return sum(m < min(b[i] for b in baselines) for i, m in enumerate(mine))
+
+
 def summarise(rows: list[dict]) -> dict:
     out: dict = {}
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -70,15 +75,14 @@ def summarise(rows: list[dict]) -> dict:
                     entry["targets"][text] = {"best_baseline": best, "baseline_ppl": cells[best][key],
                                               "chosen_ppl": cells[chosen][key], "lower_by": gain,
                                               "target": TARGETS.get(pattern), "met": gain >= TARGETS.get(pattern, 1)}
-                errors = [cells[b]["heldout_layer_error"] for b in present]
-                mine_err = cells[chosen]["heldout_layer_error"]
-                entry["heldout_layers_below_every_baseline"] = sum(
-                    m < min(e[i] for e in errors) for i, m in enumerate(mine_err))
-                entry["layers"] = len(mine_err)
+                key = "heldout_layer_error"
+                entry["heldout_layers_below_every_baseline"] = layers_below_every(
+                    cells[chosen][key], [cells[b][key] for b in present])
+                entry["layers"] = len(cells[chosen][key])
                 key = "heldout_model_error"  # rows from before it was measured lack it
                 if all(key in cells[v] for v in [*present, chosen]):
-                    entry["heldout_model_layers_below_every_baseline"] = sum(
-                        m < min(cells[b][key][i] for b in present) for i, m in enumerate(cells[chosen][key]))
+                    entry["heldout_model_layers_below_every_baseline"] = layers_below_every(
+                        cells[chosen][key], [cells[b][key] for b in present])
                 entry["time_ratio"] = {b: cells[chosen]["refine_seconds"] / cells[b]["refine_seconds"]
                                        for b in ("wanda", "sparsegpt") if b in cells}
             per_pattern[pattern] = entry

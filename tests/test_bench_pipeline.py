@@ -3,23 +3,16 @@ the model-level error is zero for the dense model and positive once a layer is p
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from dsnot_deploy.sources.models import find_decoder_layers
+from tests.script_loader import load_script
 from tests.tiny_models import ARCHS, make_tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_pipeline", ROOT / "scripts" / "bench_pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_pipeline")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
