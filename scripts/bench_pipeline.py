@@ -4,7 +4,8 @@ the default is chosen from, on a real model, resumable across sessions.
 
 A variant is written like `wanda+exact@0.3+admm+owl`: the initial mask (magnitude, wanda, sparsegpt,
 or `dense`), then any of `dsnot`, `exact` (`exact@A`: the search judges swaps on (1-A) H + A diag H),
-`admm` (weight reconstruction), `owl` (layer-wise allocation). Each (variant, pattern) is refined
+`admm` (weight reconstruction; `admm@modelA`: model correction A), `rounds@R` (R rounds of exact
+search and reconstruction), `owl` (layer-wise allocation). Each (variant, pattern) is refined
 on the calibration windows and scored, paper protocol, on every `--texts` entry; the held-out
 errors are kept too: per layer, the local one (every Linear against its dense weights, on `--heldout`
 windows run through the pruned model) and the model-level one (the layer's output hidden state
@@ -89,6 +90,10 @@ def parse_variant(text: str) -> PruneConfig | None:
             strength = float(value[len("model"):] or 1) if value else 0.0
             prune = replace(prune, update=Update.ADMM,
                             reconstruct=replace(prune.reconstruct, model_correction=strength))
+        elif name == "rounds":  # `rounds@R`: R rounds of (exact search, reconstruction)
+            if not value.isdigit() or int(value) < 1:
+                raise SystemExit(f"expected rounds@R, R >= 1, in {text!r}")
+            prune = replace(prune, reconstruct=replace(prune.reconstruct, rounds=int(value)))
         elif name == "owl":
             prune = replace(prune, allocation=AllocationConfig(kind=Allocation.OWL))
         else:

@@ -45,3 +45,20 @@ def test_model_error_is_zero_dense_and_grows_from_the_pruned_layer_on() -> None:
     local, model_err = bench.heldout_layer_errors(model, layers, dense_state, layers_path, windows, dense_out)
     assert local[0] == 0 and local[1] > 0
     assert model_err[0] < 1e-10 and model_err[1] > 0 and model_err[2] > 0
+
+
+def test_variant_grammar_sets_every_stage_and_rejects_unknown_parts() -> None:
+    from dsnot_deploy.algorithms.config import Allocation, Method, Refinement, Update
+
+    bench = _bench()
+    assert bench.parse_variant("dense") is None
+    cfg = bench.parse_variant("sparsegpt+exact@0.3+admm@model0.5+rounds@2+owl")
+    assert cfg.method is Method.SPARSEGPT and cfg.refinement is Refinement.EXACT
+    assert cfg.exact.shrink == 0.3 and cfg.update is Update.ADMM
+    assert cfg.reconstruct.model_correction == 0.5 and cfg.reconstruct.rounds == 2
+    assert cfg.allocation.kind is Allocation.OWL
+    plain = bench.parse_variant("wanda")
+    assert plain.update is Update.NONE and plain.reconstruct.rounds == 1 and plain.reconstruct.model_correction == 0
+    for bad in ("wanda+rounds@0", "wanda+rounds@x", "wanda+admm@0.5", "wanda+bogus"):
+        with pytest.raises(SystemExit):
+            bench.parse_variant(bad)
