@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What llama.cpp's extra buffer types cost or give, and whether both loaders agree (issue 12).
 
-On SmolLM2-135M: a 50% Wanda checkpoint (16 x 512 calibration tokens) exported to each type, and
+On SmolLM2-135M: a 50% Wanda checkpoint (16 x 512 calibration tokens, no weight update) exported to each type, and
 the dense model exported to the same type; `validate` runs both files twice, with the extra buffer
 types on (llama.cpp's default: AMX tiles where built, CPU_REPACK layouts on AVX2/AVX-512/NEON) and
 off (the plain CPU buffer, what the loader uses on AMX CPUs with an AMX build). Per file and policy:
@@ -74,7 +74,7 @@ def sparse_checkpoint(args: argparse.Namespace) -> Path:
     if (out / "sparsity.json").is_file():
         return out
     code = cli_main(["refine", args.model, str(out), "--sparsity", "0.5", "--method", "wanda", "--refine", "none",
-                     "--nsamples", "16", "--seqlen", "512", "--calib", calibration_file(args), "-q"])
+                     "--update", "none", "--nsamples", "16", "--seqlen", "512", "--calib", calibration_file(args), "-q"])
     if code != 0:
         raise SystemExit(f"refine failed with exit code {code}")
     return out
