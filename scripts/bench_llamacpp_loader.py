@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """What llama.cpp's extra buffer types cost or give, and whether both loaders agree (issue 12).
 
-On SmolLM2-135M: a 50% Wanda checkpoint (16 x 512 calibration tokens, no weight update) exported to each type, and
-the dense model exported to the same type; `validate` runs both files twice, with the extra buffer
+On SmolLM2-135M: a 50% Wanda checkpoint (16 x 512 calibration tokens, no weight update) exported
+to each type, and the dense model exported to the same type; `validate` runs both files twice, with the extra buffer
 types on (llama.cpp's default: AMX tiles where built, CPU_REPACK layouts on AVX2/AVX-512/NEON) and
 off (the plain CPU buffer, what the loader uses on AMX CPUs with an AMX build). Per file and policy:
 llama.cpp perplexity (llama.cpp protocol, WikiText-2 test), decode tokens/s; then the relative
@@ -44,7 +44,7 @@ SHARED = ROOT.parent / "shared" / "data"
 log = logging.getLogger("bench_llamacpp_loader")
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--calib", default=str(SHARED / "c4" / "en-train"), help="calibration text (default C4 train sample)")
@@ -56,7 +56,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_llamacpp_loader"))
     p.add_argument("--out", type=Path, default=ROOT / "docs")
-    return p.parse_args()
+    return p
+
+
+def machine_facts() -> dict:
+    """This CPU (model, cores, the SIMD/AMX flags that matter) and the installed llama.cpp build."""
+    flags = cpu_flags()
+    return {
+        "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), platform.processor()),
+        "cores": os.cpu_count(),
+        "flags": sorted(f for f in flags if f.startswith(("amx", "avx512f", "avx512_vnni", "avx2", "avx_vnni"))),
+        "cpu_amx": cpu_has_amx(flags),
+        "llama_cpp_build": sorted(build_features()),
+        "llamacpp": llamacpp_version(),
+        "auto_policy": resolve_extra_buffers("auto").reason,
+    }
 
 
 def calibration_file(args: argparse.Namespace) -> str:
@@ -93,21 +108,11 @@ def measure(args: argparse.Namespace, sparse: Path, policy: str) -> dict:
 
 
 def main() -> None:
-    args = parse_args()
+    args = build_parser().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
     ckpt = sparse_checkpoint(args)
-    flags = cpu_flags()
-    machine = {
-        "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name")), platform.processor()),
-        "cores": os.cpu_count(),
-        "flags": sorted(f for f in flags if f.startswith(("amx", "avx512f", "avx512_vnni", "avx2", "avx_vnni"))),
-        "cpu_amx": cpu_has_amx(flags),
-        "llama_cpp_build": sorted(build_features()),
-        "llamacpp": llamacpp_version(),
-        "auto_policy": resolve_extra_buffers("auto").reason,
-    }
+    machine = machine_facts()
     rows = []
     for qtype in args.types:
         sparse = exported(ckpt, qtype)

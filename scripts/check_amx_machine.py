@@ -6,8 +6,8 @@ against the reference machine's (`--reference`, the JSON that bench wrote on a C
 Per type: the sparse and the dense file's perplexity with the buffers off, their relative difference
 to the reference machine's off figures (target <= 1e-4 for the dense file, whose bytes do not depend on
 torch; the sparse checkpoint, Wanda with no update, is refined again here, so a near-tie of its mask
-may flip), and what
-happened with the buffers on (a perplexity, or the one-line crash the child process turned it into).
+may flip), and what happened with the buffers on (a perplexity, or the one-line crash the child
+process turned it into).
 
     python scripts/check_amx_machine.py --types F16 Q8_0 Q4_0 Q6_K SPARSE_Q4
 
@@ -16,39 +16,37 @@ Writes docs/bench_llamacpp_amx.{md,json}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_llamacpp_loader import ROOT, measure, sparse_checkpoint  # noqa: E402
-from bench_llamacpp_loader import parse_args as loader_args
+from bench_llamacpp_loader import (  # noqa: E402
+    ROOT,
+    build_parser,
+    machine_facts,
+    measure,
+    sparse_checkpoint,
+)
 from bench_validate import exported  # noqa: E402
 
-from converters.llamacpp_loader import (  # noqa: E402
-    build_features,
-    cpu_flags,
-    cpu_has_amx,
-    llamacpp_version,
-)
 from dsnot_deploy.errors import DsnotError  # noqa: E402
 
 log = logging.getLogger("check_amx_machine")
 
 
 def main() -> None:
-    extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--reference", type=Path, default=ROOT / "docs" / "bench_llamacpp_loader.json")
-    ours, rest = extra.parse_known_args()
-    sys.argv = [sys.argv[0], *rest]
-    args = loader_args()
+    parser = build_parser()
+    parser.description = __doc__
+    parser.add_argument("--reference", type=Path, default=ROOT / "docs" / "bench_llamacpp_loader.json",
+                        help="the JSON scripts/bench_llamacpp_loader.py wrote on the reference machine")
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
-    reference = {r["type"]: r for r in json.loads(ours.reference.read_text())["rows"]}
-    flags = cpu_flags()
+    args.out.mkdir(parents=True, exist_ok=True)
+    ref_payload = json.loads(args.reference.read_text())
+    reference = {r["type"]: r for r in ref_payload["rows"]}
     ckpt = sparse_checkpoint(args)
     rows = []
     for qtype in args.types:
@@ -68,19 +66,15 @@ def main() -> None:
             row[f"{kind}_rel_diff"] = abs(row[f"{kind}_ppl_off"] / r - 1) if r else None
         log.info("%s: %s", qtype, row)
         rows.append(row)
-    machine = {"cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                            if line.startswith("model name")), "?"), "cores": os.cpu_count(),
-               "flags": sorted(f for f in flags if f.startswith(("amx", "avx512f", "avx512_vnni", "avx2"))),
-               "cpu_amx": cpu_has_amx(flags), "llama_cpp_build": sorted(build_features()),
-               "llamacpp": llamacpp_version()}
+    machine = machine_facts()
     (args.out / "bench_llamacpp_amx.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     fmt = lambda v: "-" if v is None else f"{v:.1e}"  # noqa: E731
     ref = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     lines = ["# llama.cpp on a CPU with AMX (scripts/check_amx_machine.py, issue 12)", "",
              f"Machine: {machine['cpu']}, {machine['cores']} cores; flags {', '.join(machine['flags'])}; AMX: "
              f"{'yes' if machine['cpu_amx'] else 'no'}; {machine['llamacpp']} built with "
-             f"{', '.join(machine['llama_cpp_build'])}. Reference: {ours.reference.name} (its machine: "
-             f"{json.loads(ours.reference.read_text())['machine']['cpu']}). Same files and protocol as that "
+             f"{', '.join(machine['llama_cpp_build'])}. Reference: {args.reference.name} (its machine: "
+             f"{ref_payload['machine']['cpu']}). Same files and protocol as that "
              f"benchmark ({args.chunks} x {args.ctx} tokens of {Path(args.text).name}).", "",
              "| type | sparse ppl off | reference | rel. diff | dense ppl off | reference | rel. diff | buffers on |",
              "|---|---|---|---|---|---|---|---|"]

@@ -3,7 +3,8 @@
 One run of the whole pipeline on a tiny Llama with fixed seeds: `refine-and-export` (magnitude 50%,
 no refinement and no weight update: the mask and the kept weights depend on the dense weights alone,
 so the bytes do not depend on the CPU's floating-point kernels; with the default ADMM update they
-did, and an Intel CPU with AMX wrote other checkpoint bytes than the AMD EPYC that recorded them), F16 and Q8_0 GGUFs, a pack of each, and the reports. The sha256 of every
+did, and an Intel CPU with AMX wrote other checkpoint bytes than the AMD EPYC that recorded them),
+F16 and Q8_0 GGUFs, a pack of each, and the reports. The sha256 of every
 file, and of each JSON report with its machine-dependent fields removed (timings, paths, versions,
 and the measured float metrics of llama.cpp and torch), must equal what the code produced before the
 reorganisation (tests/golden_outputs.json). Regenerate it only for an intended change of output:
@@ -68,8 +69,8 @@ def _produce() -> dict[str, str]:
         gguf = root / f"sparse-{qtype}.gguf"
         ckpt = root / f"ckpt-{qtype}"
         code = main(["refine-and-export", str(model), str(gguf), "--type", qtype, "--method", "magnitude",
-                     "--refine", "none", "--update", "none", "--sparsity", "0.5", "--calib", str(text), "--nsamples", "4", "--seqlen",
-                     "32", "--seed", "0", "--text", str(text), "--ctx", "32", "--max-chunks", "2", "--threads", "1",
+                     "--refine", "none", "--update", "none", "--sparsity", "0.5", "--calib", str(text),
+                     "--nsamples", "4", "--seqlen", "32", "--seed", "0", "--text", str(text), "--ctx", "32", "--max-chunks", "2", "--threads", "1",
                      "--keep-checkpoint", str(ckpt), "--cache-dir", str(root / "cache"), "-q"])
         assert code == 0
         pack = root / f"sparse-{qtype}.pack"
